@@ -1,0 +1,80 @@
+"""Crash-safe writes: nothing on disk is ever half-written.
+
+Files are written to a temporary name in the same directory, flushed to disk, then renamed
+over the target (`os.replace` is atomic on POSIX), so a reader sees the old file or the new
+one, never a torn one. Directories (checkpoints, adapters, merged models) get the same
+treatment: built under a temporary sibling, then swapped in.
+"""
+
+import contextlib
+import os
+import shutil
+import tempfile
+
+
+def fsync_dir(path):
+    """Persist a rename: on POSIX the directory entry itself must be flushed."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode="wb"):
+    """Open a temporary file beside `path`; on success it replaces `path`, on error it vanishes."""
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(path, overwrite=True):
+    """Yield a temporary directory beside `path`; on success it becomes `path` in one rename.
+
+    An existing `path` is moved aside first and deleted only after the new one is in place, so
+    a crash leaves either the old directory or the new one (plus, at worst, a stray `.old`
+    sibling). With `overwrite=False` an existing `path` raises FileExistsError up front.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=parent)
+    try:
+        yield tmp
+        for name in os.listdir(tmp):  # files written with plain open() still reach the disk
+            fp = os.path.join(tmp, name)
+            if os.path.isfile(fp):
+                with open(fp, "rb") as f:
+                    os.fsync(f.fileno())
+        old = None
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".old", dir=parent)
+            os.replace(path, os.path.join(old, "prev"))
+        os.replace(tmp, path)
+        fsync_dir(parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

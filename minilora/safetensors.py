@@ -138,31 +138,33 @@ def _parse_header(raw, buffer_len, where):
         raise _fail(where, f"header is not valid UTF-8 JSON ({e})") from None
     if not isinstance(header, dict):
         raise _fail(where, f"header must be a JSON object, got {type(header).__name__}")
-    metadata = header.pop("__metadata__", None) or {}  # the reference treats it as optional (null allowed)
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata  # optional in the reference, and may be null
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise _fail(where, "__metadata__ must be an object mapping strings to strings")
     spans = []
     for name, info in header.items():
-        bad = lambda msg: _fail(where, f"tensor {name!r}: {msg}")  # noqa: E731
+        at = f"{where}: tensor {name!r}"
         if not isinstance(info, dict) or set(info) != _ENTRY_KEYS:
-            raise bad("entry must be an object with exactly the keys dtype, shape, data_offsets")
+            raise _fail(at, "entry must be an object with exactly the keys dtype, shape, data_offsets")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if not isinstance(dtype, str) or dtype not in _DTYPES:
-            raise bad(f"unknown dtype {dtype!r} (supported: {', '.join(_DTYPES)})")
+            raise _fail(at, f"unknown dtype {dtype!r:.50} (supported: {', '.join(_DTYPES)})")
         if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < 2**63 for d in shape):
-            raise bad(f"shape must be a list of non-negative integers, got {shape!r:.100}")
+            raise _fail(at, f"shape must be a list of non-negative integers, got {shape!r:.100}")
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
-            raise bad(f"data_offsets must be two integers, got {offsets!r:.100}")
+            raise _fail(at, f"data_offsets must be two integers, got {offsets!r:.100}")
         begin, end = offsets
         if not 0 <= begin <= end <= buffer_len:
-            raise bad(f"data_offsets [{begin}, {end}] out of bounds for a {buffer_len}-byte buffer")
+            raise _fail(at, f"data_offsets [{begin}, {end}] out of bounds for a {buffer_len}-byte buffer")
         numel = 1
         for d in shape:  # clamped, so a hostile shape cannot make us do huge big-int arithmetic
             numel = min(numel * d, buffer_len + 1)
         itemsize = _DTYPES[dtype].itemsize
         if numel * itemsize != end - begin:
-            raise bad(f"shape {shape} of {dtype} needs {numel * itemsize} bytes "
-                      f"but data_offsets [{begin}, {end}] hold {end - begin}")
+            need = numel * itemsize if numel <= buffer_len else f"more than {buffer_len}"
+            raise _fail(at, f"shape {shape!s:.100} of {dtype} needs {need} bytes "
+                            f"but data_offsets [{begin}, {end}] hold {end - begin}")
         spans.append((begin, end, name))
     # Sorted by offset the tensors must tile the buffer exactly, so no byte is read twice or never.
     pos = 0
@@ -210,10 +212,10 @@ def _build(header, base, start, where):
     return out
 
 
-def _guarded(where, fn, *args):
+def _guarded(where, fn, *args, **kwargs):
     """Run fn; any stray error a corrupt file provokes becomes a SafetensorsError (OSErrors stay as they are)."""
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except SafetensorsError:
         raise
     except (ValueError, TypeError, OverflowError, RuntimeError, struct.error, IndexError, KeyError) as e:

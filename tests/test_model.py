@@ -1,0 +1,142 @@
+import math
+import time
+
+import pytest
+import torch
+
+from minilora import GPT, GPTConfig, MiniloraError
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return GPT(GPTConfig.from_name("tiny", **kw))
+
+
+def test_forward_shapes_and_last_position_logits():
+    model = tiny()
+    idx = torch.randint(0, 257, (3, 11))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (3, 11, 257) and loss.shape == ()
+    last, none = model(idx)
+    assert last.shape == (3, 1, 257) and none is None
+    torch.testing.assert_close(last[:, 0], logits[:, -1], rtol=0, atol=1e-6)
+    assert model(idx, all_logits=True)[0].shape == (3, 11, 257)
+
+
+def test_loss_at_init_is_close_to_uniform():
+    model = tiny()
+    idx, targets = torch.randint(0, 257, (2, 8, 32))  # independent: tied weights favour target == input
+    _, loss = model(idx, targets)
+    assert abs(loss.item() - math.log(257)) < 0.3
+
+
+def test_targets_minus_100_are_ignored():
+    model = tiny()
+    idx = torch.randint(0, 257, (2, 8))
+    targets = idx.clone()
+    targets[:, :5] = -100
+    _, loss = model(idx, targets)
+    logits, _ = model(idx, all_logits=True)
+    ref = torch.nn.functional.cross_entropy(logits[:, 5:].reshape(-1, 257), idx[:, 5:].reshape(-1))
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_causality():
+    model = tiny().eval()
+    idx = torch.randint(0, 257, (1, 16))
+    changed = idx.clone()
+    changed[0, 9] = (changed[0, 9] + 1) % 257
+    a, _ = model(idx, all_logits=True)
+    b, _ = model(changed, all_logits=True)
+    assert torch.equal(a[:, :9], b[:, :9])
+    assert not torch.allclose(a[:, 9:], b[:, 9:])
+
+
+def test_head_is_tied_to_token_embedding():
+    model = tiny()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+
+
+def test_separate_attention_projections_exist():
+    names = {n.rsplit(".", 1)[-1] for n, m in tiny().named_modules() if isinstance(m, torch.nn.Linear)}
+    assert names == {"q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out", "lm_head"}
+
+
+def test_gpt2_parameter_count_is_published_figure():
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_name("gpt2"))
+    assert model.num_parameters() == 124_439_808
+
+
+def test_residual_projections_use_scaled_init():
+    model = GPT(GPTConfig.from_name("tiny", n_layer=8, n_embd=64))
+    std = model.transformer.h[0].attn.out_proj.weight.std().item()
+    assert abs(std - 0.02 / math.sqrt(16)) < 0.002
+    assert abs(model.transformer.h[0].attn.q_proj.weight.std().item() - 0.02) < 0.003
+
+
+def test_gpt3_shape_builds_on_meta_device_quickly():
+    with torch.device("meta"):
+        GPT(GPTConfig.from_name("tiny"))  # warm up torch's meta dispatch
+        start = time.perf_counter()
+        model = GPT(GPTConfig.from_name("gpt3-175b"))
+        elapsed = time.perf_counter() - start
+    assert model.lm_head.weight.is_meta
+    assert model.num_parameters() > 174e9
+    assert elapsed < 1.0
+
+
+def test_sequence_longer_than_context_is_refused():
+    model = tiny()
+    with pytest.raises(MiniloraError, match="block_size=64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_presets_and_bad_configs():
+    cfg = GPTConfig.from_name("gpt2-xl")
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.vocab_size) == (48, 25, 1600, 1024, 50257)
+    assert GPTConfig.from_name("gpt3-175b").n_embd == 12288
+    with pytest.raises(MiniloraError, match="known presets"):
+        GPTConfig.from_name("gpt5")
+    with pytest.raises(MiniloraError, match="divisible"):
+        GPTConfig(n_embd=10, n_head=3)
+
+
+def test_kv_cache_prefill_then_decode_matches_full_forward():
+    model = tiny().eval()
+    idx = torch.randint(0, 257, (2, 12))
+    full, _ = model(idx, all_logits=True)
+    model.setup_kv_cache(2, 12)
+    steps = [model(idx[:, :5], cache_pos=0, all_logits=True)[0]]
+    steps += [model(idx[:, t:t + 1], cache_pos=t)[0] for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-5)
+
+
+def test_kv_cache_per_row_positions_and_rows():
+    """Rows at different lengths in one cache (continuous batching) match separate runs."""
+    model = tiny().eval()
+    a, b = torch.randint(0, 257, (1, 7)), torch.randint(0, 257, (1, 4))
+    ref_a, _ = model(a)
+    ref_b, _ = model(b)
+    model.setup_kv_cache(3, 16)
+    model(a[:, :6], cache_pos=0, cache_rows=torch.tensor([2]),
+          attn_mask=torch.ones(1, 1, 6, 6, dtype=torch.bool).tril())
+    model(b[:, :3], cache_pos=0, cache_rows=torch.tensor([0]),
+          attn_mask=torch.ones(1, 1, 3, 3, dtype=torch.bool).tril())
+    # one decode step for both rows: row 2 writes slot 6, row 0 writes slot 3
+    mask = torch.zeros(2, 1, 1, 7, dtype=torch.bool)
+    mask[0, ..., :7] = True
+    mask[1, ..., :4] = True
+    out, _ = model(torch.cat([a[:, 6:], b[:, 3:]]), cache_pos=torch.tensor([6, 3]),
+                   cache_rows=torch.tensor([2, 0]), attn_mask=mask)
+    torch.testing.assert_close(out[0], ref_a[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[1], ref_b[0], rtol=0, atol=1e-5)
+
+
+def test_kv_cache_errors():
+    model = tiny()
+    with pytest.raises(MiniloraError, match="setup_kv_cache"):
+        model(torch.zeros(1, 1, dtype=torch.long), cache_pos=0)
+    with pytest.raises(MiniloraError, match="block_size"):
+        model.setup_kv_cache(1, 65)

@@ -2,6 +2,7 @@
 
 from minilora.config import GPTConfig
 from minilora.errors import MiniloraError
+from minilora.lora import LoraConfig
 from minilora.model import GPT
 
-__all__ = ["GPT", "GPTConfig", "MiniloraError"]
+__all__ = ["GPT", "GPTConfig", "LoraConfig", "MiniloraError"]

@@ -1,0 +1,130 @@
+"""How many parameters LoRA trains, and how big the adapter is, computed without allocating a weight.
+
+The model is built on the meta device (shapes only), so even GPT-3 175B's shape costs about a
+second and no memory. Reproduces the LoRA paper's counts:
+
+    python -m minilora.params --model gpt2 --r 8 --target_modules q_proj v_proj
+    python -m minilora.params --model linear4096 --r 8       # the single 4096x4096 matrix
+    python -m minilora.params --table                        # the README's table, as markdown
+
+`parameter_report` is importable and side-effect free (train.py --dry_run reuses it).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from minilora.cli import main_guard, opt, parse_args
+from minilora.config import PRESETS, GPTConfig
+from minilora.errors import MiniloraError
+from minilora.lora import LoraConfig, apply_lora, count_parameters, trainable_line
+from minilora.model import GPT
+
+LINEAR4096 = "linear4096"  # one 4096x4096 weight, the example of the LoRA explainers
+
+
+def build_meta_model(model_name_or_config):
+    """A model with shapes but no storage: a GPT preset name, a GPTConfig, or "linear4096"."""
+    if isinstance(model_name_or_config, GPTConfig):
+        config = model_name_or_config
+    elif model_name_or_config == LINEAR4096:
+        with torch.device("meta"):
+            return nn.ModuleDict({"proj": nn.Linear(4096, 4096, bias=False)})  # a container, so "proj" can be wrapped
+    elif isinstance(model_name_or_config, str):
+        config = GPTConfig.from_name(model_name_or_config) if model_name_or_config in PRESETS else None
+        if config is None:
+            raise MiniloraError(f"unknown model {model_name_or_config!r}; use one of {', '.join([*PRESETS, LINEAR4096])}")
+    else:
+        raise MiniloraError(f"model must be a preset name or a GPTConfig, got {type(model_name_or_config).__name__}")
+    with torch.device("meta"):
+        return GPT(config)  # GPT skips weight init on meta
+
+
+def parameter_report(model_name_or_config, lora_config):
+    """Counts and sizes for LoRA `lora_config` on a model (see build_meta_model). Prints nothing.
+
+    Returns a dict: trainable, total (PEFT's "all params": base + adapter, tied weights once),
+    base, percent (PEFT's trainable%), ratio (base / trainable), adapter_bytes_fp32/_bf16
+    (tensor data of everything trainable, which is what the adapter file holds) and
+    checkpoint_bytes_fp32/_bf16 (the full base model).
+    """
+    model = build_meta_model(model_name_or_config)
+    base = count_parameters(model)[1]
+    apply_lora(model, lora_config)
+    trainable, total = count_parameters(model)
+    return dict(
+        model=model_name_or_config if isinstance(model_name_or_config, str) else "custom",
+        r=lora_config.r, target_modules=lora_config.target_modules,
+        trainable=trainable, total=total, base=base, percent=100 * trainable / total, ratio=base / trainable,
+        adapter_bytes_fp32=4 * trainable, adapter_bytes_bf16=2 * trainable,
+        checkpoint_bytes_fp32=4 * base, checkpoint_bytes_bf16=2 * base,
+    )
+
+
+def format_bytes(n):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" or n >= 100 else f"{n:.{2 if n < 10 else 1}f} {unit}"
+        n /= 1024
+
+
+def format_report(rep):
+    """The PEFT line, then the adapter's size against the full checkpoint's."""
+    return "\n".join([
+        trainable_line(rep["trainable"], rep["total"]),
+        f"adapter: {rep['trainable']:,d} params = {format_bytes(rep['adapter_bytes_fp32'])} fp32, "
+        f"{format_bytes(rep['adapter_bytes_bf16'])} bf16 (tensor data; file headers add a few KiB)",
+        f"full checkpoint: {rep['base']:,d} params = {format_bytes(rep['checkpoint_bytes_fp32'])} fp32, "
+        f"{format_bytes(rep['checkpoint_bytes_bf16'])} bf16 ({rep['ratio']:,.0f}x the adapter's parameters)",
+    ])
+
+
+# The README table: (model, r, targets, what the paper / explainer says)
+TABLE = [
+    ("gpt2", 8, ["q_proj", "v_proj"], "PEFT's GPT-2 example line"),
+    ("gpt2-medium", 4, ["q_proj", "v_proj"], "0.35M (LoRA paper, Table 3)"),
+    ("gpt3-175b", 8, ["q_proj", "v_proj"], "37.7M (LoRA paper, Table 4)"),
+    ("gpt3-175b", 1, ["q_proj", "v_proj"], "4.7M (LoRA paper, Table 4)"),
+    (LINEAR4096, 8, ["proj"], "65,536 vs 16,777,216: 256x fewer"),
+]
+
+
+def format_table(rows=TABLE):
+    lines = ["| model | r | targets | LoRA params | base params | base / LoRA | trainable% | "
+             "adapter fp32 / bf16 | full checkpoint fp32 / bf16 | published |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for name, r, targets, published in rows:
+        rep = parameter_report(name, LoraConfig(r=r, lora_alpha=r, target_modules=targets))
+        lines.append(
+            f"| {name} | {r} | {', '.join(targets)} | {rep['trainable']:,d} | {rep['base']:,d} | {rep['ratio']:,.0f}x | "
+            f"{rep['percent']:.4f} | {format_bytes(rep['adapter_bytes_fp32'])} / {format_bytes(rep['adapter_bytes_bf16'])} | "
+            f"{format_bytes(rep['checkpoint_bytes_fp32'])} / {format_bytes(rep['checkpoint_bytes_bf16'])} | {published} |")
+    return "\n".join(lines)
+
+
+@dataclass
+class Args:
+    """Trainable-parameter count and adapter size for LoRA on a model, computed on the meta device."""
+    model: str = opt("gpt2", f"GPT preset ({', '.join(PRESETS)}) or {LINEAR4096} (one 4096x4096 matrix)")
+    r: int = opt(8, "LoRA rank")
+    target_modules: list[str] = opt(["q_proj", "v_proj"], "module names (space or comma separated), or all-linear")
+    bias: str = opt("none", "which biases train too", choices=["none", "all", "lora_only"])
+    table: bool = opt(False, "print the README's parameter-savings table (markdown) instead")
+
+
+def main(argv=None):
+    args = parse_args(Args, argv)
+    if args.table:
+        print(format_table())
+        return
+    targets = [t for item in args.target_modules for t in item.split(",") if t]
+    if args.model == LINEAR4096 and targets == ["q_proj", "v_proj"]:
+        targets = ["proj"]  # the default targets name GPT modules; the bare matrix has only this one
+    config = LoraConfig(r=args.r, lora_alpha=args.r, bias=args.bias,
+                        target_modules="all-linear" if targets == ["all-linear"] else targets)
+    print(format_report(parameter_report(args.model, config)))
+
+
+if __name__ == "__main__":
+    main_guard(main)

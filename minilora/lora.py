@@ -175,6 +175,7 @@ class LoRALinear(nn.Module):
         self.lora_A[name] = nn.Linear(self.in_features, r, **kw)  # nn.Linear's own init: kaiming_uniform(a=sqrt(5))
         self.lora_B[name] = nn.Linear(r, self.out_features, **kw)
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_dropout[name].train(self.training)  # new modules start in train mode; follow the layer's
         self.r[name], self.lora_alpha[name] = r, lora_alpha
         self.scaling[name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
         if init_lora_weights == "gaussian":

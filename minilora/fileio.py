@@ -50,9 +50,11 @@ def atomic_open(path, mode="wb"):
 def atomic_directory(path, overwrite=True):
     """Yield a temporary directory beside `path`; on success it becomes `path` in one rename.
 
-    An existing `path` is moved aside first and deleted only after the new one is in place, so
-    a crash leaves either the old directory or the new one (plus, at worst, a stray `.old`
-    sibling). With `overwrite=False` an existing `path` raises FileExistsError up front.
+    An existing `path` is moved aside (into a `.old` sibling) first and deleted only after the
+    new one is in place. POSIX cannot swap two directories in one step, so a crash between the
+    two renames leaves no `path` but the previous contents intact under `<.old sibling>/prev`
+    (the trainer's checkpoint lookup recovers from there). With `overwrite=False` an existing
+    `path` raises FileExistsError up front.
     """
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not overwrite:

@@ -1,0 +1,697 @@
+"""The training loop: LoRA or full fine-tuning (or pretraining) of the GPT, on one process or many.
+
+train.py is these pieces in a straight line; call them the same way from Python:
+
+    cfg = TrainConfig(init_from="out/base", data="train.jsonl", lora_r=8, max_iters=200)
+    rt = setup_runtime(cfg)                       # device, dtype, DDP rank/world size, seeds
+    model, info = build_model(cfg, rt)            # base weights + LoRA (or all weights trainable)
+    dataset = load_data(cfg, info["tokenizer"], model.config.block_size, rt)
+    result = train(model, dataset, cfg, rt, eval_fn=None)   # TrainResult: losses, val loss, speed
+    save_output(model, cfg, info, rt, result)     # adapter (PEFT format) or full model + minilora.json
+
+Exactness is the design goal: a checkpoint holds everything the next step depends on (trainable
+weights, optimizer, GradScaler, every RNG, the data loader's position, the step), so `--resume`
+reproduces an uninterrupted run loss for loss (bit for bit in fp32 on a CPU), and the loss is
+normalised by the step's total target-token count, so k micro-batches of B rows, or N ranks of
+B rows, give the same gradient as one batch of k*B or N*B rows.
+"""
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from minilora.cli import opt
+from minilora.config import PRESETS, GPTConfig
+from minilora.data import load_dataset
+from minilora.errors import MiniloraError
+from minilora.fileio import atomic_directory, atomic_open
+from minilora.hub import read_config
+from minilora.lora import LoraConfig, apply_lora, count_parameters, load_adapter, merge_and_unload, save_adapter, \
+    set_adapter, trainable_line
+from minilora.model import GPT
+from minilora.params import format_report, parameter_report
+from minilora.safetensors import load_file, save_file
+from minilora.tokenizer import get_tokenizer
+
+
+@dataclass
+class TrainConfig:
+    """Fine-tune the GPT with LoRA (or in full), or pretrain it from scratch."""
+    # ---- model and output ----
+    init_from: str = opt("scratch", "'scratch' (a --model preset), an HF GPT-2 name or dir, or a minilora output dir")
+    model: str = opt("tiny", f"preset for --init_from scratch: {', '.join(PRESETS)}")
+    out_dir: str = opt("out", "where the adapter (or full model), minilora.json, log.jsonl and checkpoint/ go")
+    resume: bool = opt(False, "continue exactly from out_dir/checkpoint (weights, optimizer, RNG, data position)")
+    dry_run: bool = opt(False, "build on the meta device, print the trainable-parameter report and exit")
+    # ---- LoRA (lora_r 0 trains every weight) ----
+    lora_r: int = opt(8, "LoRA rank; 0 = full fine-tuning")
+    lora_alpha: float = opt(16.0, "LoRA alpha; updates are scaled by alpha/r (alpha/sqrt(r) with --use_rslora)")
+    lora_dropout: float = opt(0.0, "dropout on the LoRA branch's input")
+    target_modules: list[str] = opt(["q_proj", "v_proj"], "module names to adapt, or all-linear")
+    use_rslora: bool = opt(False, "rank-stabilised scaling alpha/sqrt(r)")
+    full_finetune: bool = opt(False, "train all weights (same as --lora_r 0)")
+    # ---- data ----
+    data: Optional[str] = opt(None, "training data: a .txt file, a directory of .txt files, or a .jsonl file")
+    val_data: Optional[str] = opt(None, "held-out data (same format); default: the last --val_fraction of --data")
+    val_fraction: float = opt(0.1, "share of --data held out for validation")
+    text_field: Optional[str] = opt(None, "JSONL: train on the whole text of this field (instead of prompt/completion)")
+    prompt_field: str = opt("prompt", "JSONL: field holding the prompt (masked out of the loss)")
+    completion_field: str = opt("completion", "JSONL: field holding the completion (the loss covers it)")
+    template: Optional[str] = opt(None, "JSONL: build the prompt from the line's fields, e.g. 'Q: {question} A: '")
+    packing: bool = opt(False, "JSONL: pack examples into full rows instead of padding each to the batch's longest")
+    on_too_long: str = opt("truncate", "JSONL examples longer than the context", choices=["truncate", "error"])
+    block_size: Optional[int] = opt(None, "tokens per row (default: the model's context)")
+    # ---- length and batch ----
+    max_iters: int = opt(200, "optimizer steps (ignored when --epochs is set)")
+    epochs: Optional[float] = opt(None, "train for this many passes over the data instead of --max_iters")
+    batch_size: int = opt(8, "rows per micro-batch per process")
+    grad_accum: int = opt(1, "micro-batches per optimizer step (effective batch = batch_size*grad_accum*processes)")
+    # ---- optimizer and schedule ----
+    learning_rate: float = opt(1e-3, "peak learning rate")
+    min_lr: Optional[float] = opt(None, "learning rate at the end of the cosine decay (default learning_rate/10)")
+    warmup_iters: int = opt(10, "linear warm-up steps")
+    lr_decay_iters: Optional[int] = opt(None, "steps of cosine decay (default: the run's length)")
+    decay_lr: bool = opt(True, "cosine decay after warm-up; off = constant learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay on matrices (never on biases and norms)")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.99, "AdamW beta2")
+    grad_clip: float = opt(1.0, "clip the gradient norm to this; 0 = off")
+    dropout: Optional[float] = opt(None, "override the model's dropout")
+    # ---- evaluation, logging, checkpoints ----
+    eval_interval: int = opt(50, "evaluate every N steps (and at the end); 0 = only at the end")
+    eval_iters: int = opt(20, "validation batches per evaluation")
+    eval_examples: int = opt(100, "JSONL prompt/completion data: held-out examples scored by greedy exact match "
+                                  "at each evaluation (0 = off)")
+    log_interval: int = opt(1, "log every N steps")
+    checkpoint_interval: int = opt(50, "write out_dir/checkpoint every N steps (and at the end)")
+    # ---- system ----
+    device: str = opt("auto", "auto (cuda, mps, cpu), or e.g. cpu, cuda, cuda:1")
+    dtype: str = opt("auto", "fp32, bf16 (CPU and CUDA), fp16 (CUDA, with GradScaler); auto = bf16 on CUDA if supported, else fp32",
+                     choices=["auto", "fp32", "bf16", "fp16"])
+    compile: bool = opt(False, "torch.compile the model")
+    seed: int = opt(1337, "random seed (model init, LoRA init, data order, dropout)")
+
+    def __post_init__(self):
+        for name in ("max_iters", "batch_size", "grad_accum", "eval_iters", "log_interval", "checkpoint_interval"):
+            if getattr(self, name) < 1:
+                raise MiniloraError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.eval_interval < 0:
+            raise MiniloraError(f"--eval_interval must be >= 0 (0 = only at the end), got {self.eval_interval}")
+        if self.lora_r < 0:
+            raise MiniloraError(f"--lora_r must be >= 0 (0 = full fine-tuning), got {self.lora_r}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise MiniloraError(f"--epochs must be positive, got {self.epochs}")
+
+    @property
+    def lora(self):
+        return self.lora_r > 0 and not self.full_finetune
+
+
+# ---- runtime: device, precision, processes ------------------------------------------------------
+
+@dataclass
+class Runtime:
+    device: str = "cpu"
+    dtype: str = "fp32"
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def device_type(self):
+        return self.device.split(":")[0]
+
+    @property
+    def ddp(self):
+        return self.world_size > 1
+
+    @property
+    def master(self):
+        return self.rank == 0  # the only process that logs and writes files
+
+
+def pick_device(name="auto"):
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_dtype(dtype, device_type):
+    if dtype == "auto":
+        return "bf16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if dtype == "fp16" and device_type != "cuda":
+        raise MiniloraError(f"--dtype fp16 needs a CUDA GPU (it relies on a GradScaler); on {device_type} use bf16 or fp32")
+    return dtype
+
+
+def autocast_context(device_type, dtype):
+    """Mixed precision for the forward pass only: the parameters (master weights) stay fp32."""
+    if dtype == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
+
+
+def setup_runtime(cfg):
+    """Pick the device and dtype; under torchrun (WORLD_SIZE > 1) join the process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(cfg.device)
+    if world_size > 1:
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    rt = Runtime(device, resolve_dtype(cfg.dtype, device.split(":")[0]), rank, local_rank, world_size)
+    # Every rank builds the same initial model from the same seed (DDP also broadcasts rank 0's);
+    # train() reseeds with seed + rank, so dropout masks differ per rank.
+    seed_everything(cfg.seed)
+    return rt
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def cleanup(rt):
+    if rt.ddp and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---- model -------------------------------------------------------------------------------------
+
+def lora_config(cfg, base_model=None):
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.target_modules),
+                      lora_dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora, base_model_name_or_path=base_model)
+
+
+def read_run_info(path):
+    """The minilora.json of a minilora output directory, or None if `path` is not one."""
+    fp = os.path.join(path, "minilora.json")
+    if not os.path.isfile(fp):
+        return None
+    try:
+        with open(fp, encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError) as e:
+        raise MiniloraError(f"{fp}: unreadable ({e}); restore it or train again") from None
+    if not isinstance(info, dict) or info.get("kind") not in ("lora", "full") or not isinstance(info.get("base_model"), str):
+        raise MiniloraError(f"{fp}: not a minilora run file (needs kind 'lora' or 'full' and base_model)")
+    return info
+
+
+def load_base(init_from, preset="tiny", dropout=None):
+    """The weights --init_from names -> (GPT, name of the base to record). A LoRA dir gives base + adapter."""
+    if init_from == "scratch":
+        overrides = {} if dropout is None else {"dropout": dropout}
+        return GPT(GPTConfig.from_name(preset, **overrides)), "scratch:" + preset
+    info = read_run_info(init_from) if os.path.isdir(init_from) else None
+    if info is None or info["kind"] == "full":  # an HF GPT-2 name or directory (ours or anyone's)
+        name = os.path.abspath(init_from) if os.path.isdir(init_from) else init_from
+        return GPT.from_pretrained(init_from, dropout=dropout), name
+    model, base = load_base(info["base_model"], dropout=dropout)
+    load_adapter(model, init_from, is_trainable=True)
+    return model, base
+
+
+def build_model(cfg, rt):
+    """The model to train, on rt.device in fp32, with only the weights to train requiring grad."""
+    if cfg.lora and cfg.init_from == "scratch":
+        raise MiniloraError("LoRA needs a pretrained base, and --init_from scratch has none to save the adapter "
+                            "against; pretrain with --lora_r 0 first, then --init_from that out_dir")
+    model, base = load_base(cfg.init_from, cfg.model, cfg.dropout)
+    adapters = list(getattr(model, "peft_config", {}))
+    if cfg.lora and adapters:
+        if rt.master:
+            print(f"continuing the adapter from {cfg.init_from} (its own LoRA config; --lora_* options are ignored)")
+        set_adapter(model, adapters)  # active and trainable again (a loaded adapter may arrive frozen)
+    elif cfg.lora:
+        apply_lora(model, lora_config(cfg, base))
+    else:
+        if adapters:
+            model = merge_and_unload(model)  # full training continues from base + adapter folded in
+        model.requires_grad_(True)
+    model.to(device=rt.device, dtype=torch.float32)  # master weights stay fp32; autocast does the rest
+    model.train()
+    info = {"base_model": base, "tokenizer": model.config.tokenizer, "kind": "lora" if cfg.lora else "full"}
+    return model, info
+
+
+def dry_run(cfg):
+    """Build on the meta device (no weights, no download), apply LoRA; returns the report's text."""
+    name = cfg.model if cfg.init_from == "scratch" else cfg.init_from
+    info = read_run_info(name) if os.path.isdir(name) else None
+    if info is not None:
+        config = GPTConfig(**info["model_config"])
+    elif os.path.isdir(name):
+        config = read_config(os.path.join(name, "config.json"))
+    elif name in PRESETS:  # the hub's GPT-2 names are also presets: their shapes need no download
+        config = GPTConfig.from_name(name)
+    else:
+        raise MiniloraError(f"--dry_run: {name!r} is neither a preset ({', '.join(PRESETS)}) nor a directory")
+    if cfg.lora:
+        return format_report(parameter_report(config, lora_config(cfg)))
+    with torch.device("meta"):
+        total = count_parameters(GPT(config))[1]
+    return trainable_line(total, total) + "  (full fine-tuning: every weight trains)"
+
+
+# ---- data --------------------------------------------------------------------------------------
+
+def load_data(cfg, tokenizer, block_size, rt):
+    """The dataset for `cfg.data`; each rank takes its own rows of every global batch."""
+    if cfg.data is None:
+        raise MiniloraError("no training data: pass --data FILE (.txt, a directory of .txt files, or .jsonl)")
+    if cfg.block_size is not None and cfg.block_size > block_size:
+        raise MiniloraError(f"--block_size {cfg.block_size} exceeds the model's context ({block_size})")
+    return load_dataset(
+        cfg.data, get_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer, cfg.block_size or block_size,
+        text_field=cfg.text_field, prompt_field=cfg.prompt_field, completion_field=cfg.completion_field,
+        template=cfg.template, val_fraction=cfg.val_fraction, val_path=cfg.val_data, packing=cfg.packing,
+        seed=cfg.seed, cache_dir=os.path.join(cfg.out_dir, ".cache"), on_too_long=cfg.on_too_long,
+        rank=rt.rank, world_size=rt.world_size)
+
+
+def task_eval_fn(dataset, tokenizer, n_examples, block_size):
+    """Exact-match accuracy on held-out prompt/completion pairs, when the data has them (else None).
+
+    Of the first n_examples held-out pairs, scores those that fit the context whole (prompt +
+    completion + end-of-text): a truncated reference could never be matched.
+    """
+    tok = get_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    pairs = [(len(tok.encode(p)), len(tok.encode(c)) + 1, p, c)  # + 1: the end-of-text token
+             for p, c in (getattr(dataset, "val_examples", None) or [])[:n_examples]]
+    pairs = [pair for pair in pairs if pair[0] + pair[1] <= block_size]
+    if not pairs:
+        return None
+    # one generation length for all: each prompt plus it must fit the context
+    max_new = min(max(n for _, n, _, _ in pairs), block_size - max(n for n, _, _, _ in pairs))
+    examples = [{"prompt": p, "completion": c} for _, n, p, c in pairs if n <= max_new]
+    if not examples:
+        return None
+    from minilora.tasks import exact_match_accuracy  # on use: it pulls in the generation module
+
+    def eval_fn(model):
+        return {"accuracy": exact_match_accuracy(model, tok, examples, max_new_tokens=max_new)}
+    return eval_fn
+
+
+# ---- optimization pieces -----------------------------------------------------------------------
+
+def get_lr(it, cfg):
+    """Linear warm-up to learning_rate over warmup_iters, then cosine decay to min_lr."""
+    min_lr = cfg.learning_rate / 10 if cfg.min_lr is None else cfg.min_lr
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if it >= decay_iters:
+        return min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - min_lr)
+
+
+def configure_optimizer(model, weight_decay, lr, betas, device_type):
+    """AdamW over the trainable parameters; matrices decay, biases and norm gains (1-D) do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise MiniloraError("the model has no trainable parameters; check --lora_r and --target_modules")
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    extra = {"fused": True} if device_type == "cuda" else {}  # one kernel for the whole update
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, **extra)
+
+
+def forward_backward(model, batches, rt, scaler=None):
+    """Accumulate one optimizer step's gradients over `batches` [(x, y), ...]; return its mean loss.
+
+    Each micro-batch contributes (sum of its token losses) / (target tokens in the whole step,
+    over every rank), so the result is exactly one big batch's mean, even when -100 masks make
+    micro-batches hold different numbers of target tokens. DDP averages gradients over ranks,
+    hence the world_size factor; no_sync skips the all-reduce on all but the last micro-batch.
+    """
+    n_tokens = torch.stack([(y != -100).sum() for _, y in batches]).sum().float()
+    if rt.ddp:
+        dist.all_reduce(n_tokens)
+    n_tokens = n_tokens.clamp(min=1)
+    step_loss = torch.zeros((), device=rt.device)
+    for i, (x, y) in enumerate(batches):
+        sync = not rt.ddp or i == len(batches) - 1
+        with nullcontext() if sync else model.no_sync():
+            with autocast_context(rt.device_type, rt.dtype):
+                logits, _ = model(x, all_logits=True)  # (B, T, V)
+            token_losses = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum")
+            loss = token_losses / n_tokens
+            (scaler.scale(loss * rt.world_size) if scaler else loss * rt.world_size).backward()
+        step_loss += loss.detach()
+    if rt.ddp:
+        dist.all_reduce(step_loss)  # every rank sees the global loss, so all stop together on NaN
+    return step_loss.item()
+
+
+def optimizer_step(optimizer, scaler, grad_clip):
+    """Unscale (fp16), clip, step, zero; returns the gradient norm before clipping (or None)."""
+    norm = None
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)  # a no-op when the scaler is disabled (fp32, and bf16's wide range)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+@torch.no_grad()
+def estimate_val_loss(model, dataset, cfg, rt):
+    """Mean token loss over up to eval_iters validation batches (None if there is no split)."""
+    model.eval()
+    total, count = 0.0, 0
+    # the global batch size, so the same rows are scored whatever the number of processes
+    for x, y in dataset.val_batches(cfg.batch_size * rt.world_size, rt.device, max_batches=cfg.eval_iters):
+        with autocast_context(rt.device_type, rt.dtype):
+            logits, _ = model(x, all_logits=True)  # (B, T, V)
+        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum").item()
+        count += int((y != -100).sum())
+    model.train()
+    return total / count if count else None
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+
+# Options that decide which weights exist; resuming with different ones is a different run.
+MODEL_OPTIONS = ("init_from", "model", "lora_r", "lora_alpha", "target_modules", "use_rslora", "full_finetune")
+
+
+def rng_state():
+    keys = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             # numpy's state as plain lists and tensors, so torch.load(weights_only=True) accepts it
+             "numpy": [keys[0], torch.from_numpy(keys[1].astype(np.int64)), *keys[2:]]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(s) if isinstance(s, list) else s for s in state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _gather(obj, rt):
+    """Every rank's `obj`, in rank order (each rank has its own RNG and maybe its own data position)."""
+    if not rt.ddp:
+        return [obj]
+    out = [None] * rt.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def find_checkpoint(out_dir):
+    """out_dir/checkpoint, or the previous one if a kill came between atomic_directory's two renames."""
+    path = os.path.join(out_dir, "checkpoint")
+    if os.path.isdir(path):
+        return path
+    parked = sorted(glob.glob(os.path.join(glob.escape(out_dir), ".checkpoint.*.old", "prev")), key=os.path.getmtime)
+    return parked[-1] if parked else None
+
+
+def save_checkpoint(raw_model, optimizer, scaler, dataset, cfg, rt, iter_num, best_val_loss):
+    """Write out_dir/checkpoint atomically: a kill at any moment leaves the previous one intact."""
+    rngs, data_states = _gather(rng_state(), rt), _gather(dataset.state_dict(), rt)
+    if not rt.master:
+        return
+    # LoRA: only the adapter (and anything else trainable) is saved; the frozen base is rebuilt from init_from.
+    weights = {n: p.detach().to("cpu").contiguous() for n, p in raw_model.named_parameters() if p.requires_grad}
+    state = {"iter_num": iter_num, "best_val_loss": best_val_loss, "world_size": rt.world_size,
+             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rngs, "data": data_states,
+             "config": dataclasses.asdict(cfg)}
+    with atomic_directory(os.path.join(cfg.out_dir, "checkpoint")) as tmp:
+        save_file(weights, os.path.join(tmp, "model.safetensors"))
+        torch.save(state, os.path.join(tmp, "state.pt"))
+    for stray in glob.glob(os.path.join(glob.escape(cfg.out_dir), ".checkpoint.*")):  # left by earlier kills
+        shutil.rmtree(stray, ignore_errors=True)
+
+
+def load_checkpoint(path, raw_model, optimizer, scaler, dataset, cfg, rt):
+    """Restore everything save_checkpoint wrote; returns (iter_num, best_val_loss)."""
+    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+    saved = state["config"]
+    changed = [k for k in MODEL_OPTIONS if saved.get(k) != getattr(cfg, k)]
+    if changed:
+        was = ", ".join(f"--{k} {saved.get(k)!r}" for k in changed)
+        raise MiniloraError(f"{path} was trained with {was}; resume with the same options, or use a new --out_dir")
+    others = [k for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "dry_run") and saved.get(k) != v]
+    if others and rt.master:
+        print(f"resuming with changed options: {', '.join(others)}")
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    params = {n: p for n, p in raw_model.named_parameters() if p.requires_grad}
+    if set(weights) != set(params):
+        raise MiniloraError(f"{path}: weights do not match the model (missing {sorted(set(params) - set(weights))[:3]}, "
+                            f"unexpected {sorted(set(weights) - set(params))[:3]})")
+    with torch.no_grad():
+        for n, p in params.items():
+            if weights[n].shape != p.shape:
+                raise MiniloraError(f"{path}: {n} has shape {tuple(weights[n].shape)}, the model {tuple(p.shape)}")
+            p.copy_(weights[n])
+    optimizer.load_state_dict(state["optimizer"])
+    if state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    same_world = state["world_size"] == rt.world_size
+    if not same_world and rt.master:
+        print(f"note: checkpoint written by {state['world_size']} processes, resuming on {rt.world_size}: "
+              "the run continues, but not bit-identically")
+    dataset.load_state_dict(state["data"][rt.rank if same_world else 0])
+    set_rng_state(state["rng"][rt.rank if same_world else 0])
+    return state["iter_num"], state["best_val_loss"]
+
+
+# ---- progress ----------------------------------------------------------------------------------
+
+def fmt_time(seconds):
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Progress:
+    """A live status line (rewritten in place on a terminal, one line per log otherwise) + log.jsonl."""
+
+    def __init__(self, out_dir, enabled, resume_step=None, stream=None):
+        self.enabled, self.stream = enabled, stream or sys.stdout
+        self.tty, self.live = self.stream.isatty(), False
+        if not enabled:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, "log.jsonl")
+        if resume_step is not None and os.path.exists(path):
+            # Drop records past the checkpoint (written before a kill): the resumed run writes them again.
+            with open(path) as f:
+                keep = [line for line in f if _step(line) <= resume_step]
+            with atomic_open(path, "w") as f:
+                f.writelines(keep)
+        elif resume_step is None and os.path.exists(path):
+            os.remove(path)
+        self.path = path
+
+    def record(self, **fields):
+        """One JSON line; opened per record so no handle outlives a crash or an exception."""
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(fields) + "\n")
+
+    def line(self, text):
+        """The live line: replaces itself on a terminal."""
+        if self.enabled:
+            if self.tty:
+                self.stream.write("\r" + text + "\033[K")
+                self.live = True
+            else:
+                self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def note(self, text):
+        """A line that stays (evaluations, the summary)."""
+        if self.enabled:
+            self.stream.write(("\n" if self.live else "") + text + "\n")
+            self.stream.flush()
+            self.live = False
+
+
+def _step(line):
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a line torn by a kill: dropped
+
+
+def peak_memory_mb(device_type):
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB: the process's peak RSS
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    iter_num: int                 # optimizer steps done in total (including any before a resume)
+    losses: dict                  # step -> training loss, for the steps this call ran
+    val_loss: Optional[float]     # at the last evaluation
+    best_val_loss: Optional[float]
+    metrics: dict                 # eval_fn's output at the last evaluation, e.g. {"accuracy": 0.93}
+    elapsed: float                # seconds of this call's loop
+    tokens_per_sec: float
+    peak_memory_mb: float
+
+
+def total_iters(cfg, dataset, rt):
+    """--max_iters, or --epochs converted to optimizer steps (each takes batch_size*grad_accum*world rows)."""
+    if cfg.epochs is None:
+        return cfg.max_iters
+    batches = dataset.batches_per_epoch(cfg.batch_size * rt.world_size)
+    return max(1, math.ceil(cfg.epochs * batches / cfg.grad_accum))
+
+
+def train(model, dataset, cfg, rt, eval_fn=None, stream=None):
+    """Run the optimizer steps `cfg` asks for (resuming from out_dir/checkpoint with cfg.resume).
+
+    eval_fn(model) -> dict of metrics runs at each evaluation beside the validation loss (on the
+    master process only). The model is trained in place; the returned TrainResult has the numbers.
+    """
+    cfg = dataclasses.replace(cfg, max_iters=total_iters(cfg, dataset, rt))
+    raw_model = model
+    optimizer = configure_optimizer(raw_model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type)
+    # fp16's narrow range needs loss scaling; bf16 has fp32's exponent range, so its scaler stays off
+    scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "fp16")
+    iter_num, best_val = 0, None
+    checkpoint = find_checkpoint(cfg.out_dir)
+    if cfg.resume and checkpoint:
+        iter_num, best_val = load_checkpoint(checkpoint, raw_model, optimizer, scaler, dataset, cfg, rt)
+    elif checkpoint and not cfg.resume:
+        raise MiniloraError(f"{cfg.out_dir} already holds a checkpoint; pass --resume to continue it, "
+                            "or choose a new --out_dir")
+    else:
+        if cfg.resume and rt.master:
+            print(f"--resume: no checkpoint in {cfg.out_dir} yet, starting at step 0")
+        seed_everything(cfg.seed + rt.rank)  # from here on: per-rank dropout, independent of model building
+    progress = Progress(cfg.out_dir, rt.master, iter_num if cfg.resume else None, stream)
+    if cfg.compile:
+        model = torch.compile(model)
+    if rt.ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+
+    start_iter, t0, t_log, tokens, tokens_log = iter_num, time.time(), time.time(), 0, 0
+    losses, val_loss, metrics = {}, None, {}
+    while iter_num < cfg.max_iters:
+        lr = get_lr(iter_num, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batches = [dataset.next_batch(cfg.batch_size * rt.world_size, rt.device) for _ in range(cfg.grad_accum)]
+        loss = forward_backward(model, batches, rt, scaler)
+        if not math.isfinite(loss):
+            kept = find_checkpoint(cfg.out_dir)
+            kept = f"the last good checkpoint, {kept}, is kept" if kept else "no checkpoint had been written yet"
+            raise MiniloraError(f"non-finite loss ({loss}) at step {iter_num + 1}; stopping: {kept}. "
+                                "Lower --learning_rate, keep --grad_clip on, or use --dtype bf16/fp32")
+        grad_norm = optimizer_step(optimizer, scaler, cfg.grad_clip)
+        iter_num += 1
+        n = sum(x.numel() for x, _ in batches) * rt.world_size
+        tokens, tokens_log = tokens + n, tokens_log + n
+        losses[iter_num] = loss
+        last = iter_num == cfg.max_iters
+        if iter_num % cfg.log_interval == 0 or last:
+            now = time.time()
+            tok_s, elapsed = tokens_log / max(now - t_log, 1e-9), now - t0
+            eta = elapsed / (iter_num - start_iter) * (cfg.max_iters - iter_num)
+            progress.record(step=iter_num, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_sec=tok_s,
+                            elapsed=elapsed, epoch=dataset.epoch)
+            progress.line(f"step {iter_num}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
+                          f"{fmt_time(elapsed)} elapsed | ETA {fmt_time(eta)}")
+            t_log, tokens_log = now, 0
+        if rt.master and ((cfg.eval_interval and iter_num % cfg.eval_interval == 0) or last):
+            val_loss, metrics = evaluate(raw_model, dataset, cfg, rt, eval_fn)
+            if val_loss is not None and (best_val is None or val_loss < best_val):
+                best_val = val_loss
+            progress.record(step=iter_num, val_loss=val_loss, **metrics)
+            shown = [f"val loss {val_loss:.4f}" if val_loss is not None else "no validation split"]
+            progress.note(f"step {iter_num}: " + " | ".join(shown + [f"{k} {v:.4f}" for k, v in metrics.items()]))
+        if iter_num % cfg.checkpoint_interval == 0 or last:
+            save_checkpoint(raw_model, optimizer, scaler, dataset, cfg, rt, iter_num, best_val)
+
+    elapsed = time.time() - t0
+    result = TrainResult(iter_num, losses, val_loss, best_val, metrics, elapsed, tokens / max(elapsed, 1e-9),
+                         peak_memory_mb(rt.device_type))
+    if losses:
+        progress.note(summary(result, cfg))
+    return result
+
+
+def evaluate(model, dataset, cfg, rt, eval_fn=None):
+    """Validation loss and eval_fn's metrics, leaving every RNG as it was (so resumed runs match)."""
+    state = rng_state()
+    val_loss = estimate_val_loss(model, dataset, cfg, rt)
+    metrics = eval_fn(model) if eval_fn else {}
+    model.train()
+    set_rng_state(state)
+    return val_loss, metrics
+
+
+def summary(result, cfg):
+    val = "" if result.val_loss is None else f" | val loss {result.val_loss:.4f} (best {result.best_val_loss:.4f})"
+    extra = "".join(f" | {k} {v:.4f}" for k, v in result.metrics.items())
+    last = result.losses[max(result.losses)]
+    return (f"done: {result.iter_num} steps in {fmt_time(result.elapsed)} | train loss {last:.4f}{val}{extra} | "
+            f"{result.tokens_per_sec:,.0f} tok/s | peak memory {result.peak_memory_mb:,.0f} MiB | out_dir {cfg.out_dir}")
+
+
+# ---- output ------------------------------------------------------------------------------------
+
+def save_output(model, cfg, info, rt, result=None):
+    """The run's product in out_dir: a PEFT adapter (LoRA) or an HF-layout model (full), + minilora.json."""
+    if not rt.master:
+        return
+    model = getattr(model, "_orig_mod", model)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    # save_adapter/save_pretrained replace their whole directory, so write into a scratch one and move
+    # the files over: out_dir's log.jsonl and checkpoint/ stay. Each file lands by an atomic rename.
+    with tempfile.TemporaryDirectory(dir=cfg.out_dir, prefix=".output.") as tmp:
+        target = os.path.join(tmp, "out")
+        if info["kind"] == "lora":
+            save_adapter(model, target)
+        else:
+            model.save_pretrained(target)
+        for name in os.listdir(target):
+            os.replace(os.path.join(target, name), os.path.join(cfg.out_dir, name))
+    run = {"kind": info["kind"], "base_model": info["base_model"], "tokenizer": info["tokenizer"],
+           "model_config": model.config.to_dict(), "iter_num": result.iter_num if result else None,
+           "val_loss": result.val_loss if result else None, "train_config": dataclasses.asdict(cfg)}
+    with atomic_open(os.path.join(cfg.out_dir, "minilora.json"), "w") as f:
+        json.dump(run, f, indent=2)
+        f.write("\n")

@@ -1,0 +1,137 @@
+"""Sample from a base model, a base + LoRA adapter, or a merged model.
+
+    python generate.py --init_from gpt2 --prompt "The meaning of life is" --max_new_tokens 50
+    python generate.py --adapter out/sql --prompt "list all users" --temperature 0   # base read from the adapter
+    python generate.py --init_from out/base --adapter out/sql --merge --stream
+    python generate.py --init_from scratch:gpt2 --max_new_tokens 128 --temperature 0 --no_cache  # speed check
+
+--init_from takes a directory (HF GPT-2 layout, or a train.py output dir: a LoRA one brings its
+base and adapter), a hub name such as gpt2 (downloaded once), or random weights: a preset that
+is not a GPT-2 name (tiny, small) or scratch:PRESET (scratch:gpt2). Every option: -h.
+Prints each sample (prompt + completion), then tokens/s with prefill and decode timed apart.
+"""
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from minilora import GPT, GPTConfig, MiniloraError
+from minilora.cli import main_guard, opt, parse_args
+from minilora.config import PRESETS
+from minilora.generation import generate, stream_generate
+from minilora.tokenizer import get_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Args:
+    """Sample text from a GPT, with or without a LoRA adapter."""
+    init_from: str | None = opt(None, "model dir, hub name (gpt2), or random weights: tiny, small, scratch:PRESET; "
+                                      "default: the base named by --adapter")
+    adapter: str | None = opt(None, "a PEFT-format LoRA adapter directory to apply")
+    merge: bool = opt(False, "fold the adapter into the weights before generating (faster; same tokens)")
+    prompt: str = opt("", "prompt text; empty = start of a document (<|endoftext|>)")
+    prompt_file: str | None = opt(None, "read the prompt from this file instead")
+    num_samples: int = opt(1, "samples to draw, generated as one batch")
+    max_new_tokens: int | None = opt(None, "new tokens per sample; default: the rest of the context, at most 200")
+    temperature: float = opt(0.8, "0 = greedy; higher = more random")
+    top_k: int | None = opt(None, "sample only from the k most likely tokens")
+    top_p: float | None = opt(None, "sample only from the smallest set of tokens holding this probability")
+    stop: list[str] = opt([], "stop strings: a sample ends before the first one (end-of-text always stops)")
+    seed: int = opt(1337, "seed for random weights and for sampling")
+    stream: bool = opt(False, "print the sample as it is generated (one sample only)")
+    dtype: str = opt("float32", "weights' dtype", choices=list(DTYPES))
+    device: str = opt("cpu", "cpu, cuda, cuda:1, ...")
+    no_cache: bool = opt(False, "re-run the whole sequence every step (the slow reference)")
+
+
+def load_model(init_from, adapter, seed):
+    """The GPT --init_from names (+ the adapter), in fp32 on the CPU."""
+    if init_from is None:
+        if adapter is None:
+            raise MiniloraError("give --init_from (a model dir, a hub name like gpt2, or tiny) or --adapter")
+        try:
+            with open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8") as f:
+                init_from = json.load(f).get("base_model_name_or_path")
+        except (OSError, ValueError) as e:
+            raise MiniloraError(f"cannot read the base model from {adapter}/adapter_config.json ({e}); "
+                                "pass --init_from") from None
+        if not init_from:
+            raise MiniloraError(f"the adapter in {adapter} does not name its base model; pass --init_from")
+    preset = init_from.removeprefix("scratch:")
+    if init_from.startswith("scratch:") or (preset in PRESETS and not preset.startswith("gpt2")):
+        torch.manual_seed(seed)
+        model = GPT(GPTConfig.from_name(preset))
+    elif os.path.isdir(init_from):
+        from minilora.trainer import load_base  # reads HF dirs and train.py output dirs (LoRA: base + adapter)
+        model, _ = load_base(init_from)
+    else:
+        model = GPT.from_pretrained(init_from)
+    if adapter is not None:
+        from minilora.lora import load_adapter
+        load_adapter(model, adapter, adapter_name="default" if not hasattr(model, "peft_config") else "cli")
+    return model.eval()
+
+
+def main(argv=None):
+    args = parse_args(Args, argv)
+    if args.num_samples < 1:
+        raise MiniloraError(f"--num_samples must be at least 1, got {args.num_samples}")
+    if args.stream and args.num_samples != 1:
+        raise MiniloraError("--stream prints one sample as it grows; use --num_samples 1")
+    if args.prompt and args.prompt_file:
+        raise MiniloraError("give --prompt or --prompt_file, not both")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise MiniloraError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+
+    model = load_model(args.init_from, args.adapter, args.seed)
+    if args.merge:
+        from minilora.lora import merge
+        merge(model, safe_merge=True)
+    model.to(device=args.device, dtype=DTYPES[args.dtype])
+    tok = get_tokenizer(model.config.tokenizer)
+
+    text = args.prompt
+    if args.prompt_file:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            text = f.read()
+    ids = tok.encode(text) if text else [tok.eot_token]
+    n = args.max_new_tokens
+    if n is None:
+        n = min(200, model.config.block_size - len(ids))
+        if n < 1:
+            raise MiniloraError(f"the prompt's {len(ids)} tokens fill the model's context "
+                                f"(block_size={model.config.block_size}); shorten the prompt")
+    kwargs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_cache,
+                  stop=args.stop, seed=args.seed, eot_token=tok.eot_token, tokenizer=tok)
+
+    if args.stream:
+        stream = stream_generate(model, [ids], n, **kwargs)
+        print(text, end="", flush=True)
+        tokens, shown = [], ""
+        for ev in stream:
+            if ev.token is not None:
+                tokens.append(ev.token)
+                now = tok.decode(tokens)
+                if not now.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                    print(now[len(shown):], end="", flush=True)
+                    shown = now
+        out = stream.result()
+        print(out.texts[0][len(shown):])
+    else:
+        out = generate(model, [ids] * args.num_samples, n, **kwargs)
+        for completion in out.texts:
+            print(text + completion)
+            print("---------------")
+    s = out.stats
+    print(f"prefill: {s.prompt_tokens} tokens in {s.prefill_s * 1e3:.1f} ms ({s.prefill_tokens_per_s:.1f} tok/s) | "
+          f"decode: {s.new_tokens} tokens in {s.decode_s:.2f} s ({s.decode_tokens_per_s:.1f} tok/s) | "
+          f"{'no cache' if args.no_cache else 'KV cache'}, {args.dtype}, {args.device}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,370 @@
+"""Generation: a static KV cache, sampling, and batched or streamed decoding.
+
+    from minilora.generation import generate, stream_generate
+    out = generate(model, [[72, 105], [87, 104, 121]], max_new_tokens=20, temperature=0)
+    out.tokens          # [[...], [...]]: the new tokens of each prompt (no prompt, no eot, no stop string)
+    out.finish_reasons  # ["length", "stop"]: "stop" at eot_token or a stop string, else "length"
+    out.texts           # decoded completions, cut exactly before a stop string (when tokenizer= is given)
+    out.stats           # prompt/new token counts and prefill/decode seconds, for tokens/s
+
+    for ev in stream_generate(model, prompts, 20, tokenizer=tok, stop=["\\n"]):
+        ev.row, ev.token, ev.finish_reason   # a token as soon as it is certain, then one final event per row
+
+How it runs. Prompts of different lengths are left-padded to the longest (T tokens), so every
+row's next token lands in the same cache slot. An attention mask hides the pad slots and each
+row's position ids start at 0 at its first real token, so a padded row computes what it would
+alone. The model's static cache, (B, nh, T + max_new_tokens, hs) per layer, is filled by one
+prefill forward over the prompts; each decode step then feeds one token per row and writes one
+slot in place. When rows finish, the survivors are copied to the front of the cache (once per
+finish, not per step) and the batch shrinks, so finished rows cost nothing further.
+
+use_cache=False re-runs the whole sequence every step: the slow reference the tests and the
+benchmark compare against. LoRA adapters (merged, unmerged or disabled) are ordinary modules
+inside the model, so nothing here depends on them. For bf16 either cast the weights
+(model.to(torch.bfloat16); the cache follows the weights' dtype) or keep fp32 weights and pass
+autocast_dtype=torch.bfloat16 (the cache is then kept in bf16 too). Logits are sampled in fp32.
+
+generate() puts the model in eval mode and restores each module's training flag afterwards; it
+sets up and finally clears the model's KV cache, so one model runs one generation at a time.
+"""
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from minilora.errors import MiniloraError
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token id per row from logits (B, V) -> (B,) LongTensor.
+
+    temperature 0 is argmax (ties go to the lowest id) and ignores top_k/top_p. top_k keeps
+    exactly k tokens even when several tie with the k-th. top_p keeps the smallest set of most
+    likely tokens whose probability reaches top_p (always at least the top one).
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        # Scatter the k winners into -inf: a threshold (logits < k-th value) would also keep every tie.
+        _, keep = torch.topk(logits, top_k, dim=-1)  # (B, k)
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, keep, logits.gather(-1, keep))
+    probs = F.softmax(logits, dim=-1)  # (B, V)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Drop a token once the more likely ones already hold top_p: the first token is never dropped.
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+
+
+class Event(NamedTuple):
+    """One streamed item: a new token of prompt `row`, or (token None) that row's finish."""
+    row: int
+    token: int | None
+    finish_reason: str | None  # None, or "stop" / "length" on the row's last event
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0  # real prompt tokens, padding excluded
+    new_tokens: int = 0     # tokens sampled, eot and stop-string tokens included
+    prefill_s: float = 0.0  # the first forward, over the whole prompts
+    decode_s: float = 0.0   # sampling, stop checks and every later forward
+
+    @property
+    def prefill_tokens_per_s(self):
+        return self.prompt_tokens / max(self.prefill_s, 1e-9)
+
+    @property
+    def decode_tokens_per_s(self):
+        return self.new_tokens / max(self.decode_s, 1e-9)
+
+
+@dataclass
+class Generation:
+    tokens: list            # list[list[int]]: new tokens per prompt, without eot or the stop string
+    finish_reasons: list    # list[str]: "stop" or "length"
+    texts: list | None      # decoded completions cut exactly before a stop string (needs tokenizer)
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    logits: list | None = None  # return_logits: per prompt (steps, V) fp32 logits each sample came from
+
+
+def _stop_cut(tokenizer, tokens, stops):
+    """-> (n, text). A stop string in the decoded tokens: tokens[:n] lie wholly before it and text
+    is the completion cut exactly there. None yet (text None): tokens[:n] are safe to stream,
+    since no stop string can begin inside them whatever is sampled next."""
+    text = tokenizer.decode(tokens)
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if hits:
+        limit = min(hits)
+    else:
+        # Hold back a tail that may still grow into a stop string, and a half-sampled character
+        # (decoded as U+FFFD) whose completion might be one.
+        hold = max([k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])], default=0)
+        limit = len(text) - max(hold, int(text.endswith("\ufffd")))
+    n = len(tokens)
+    while n:
+        head = tokenizer.decode(tokens[:n])
+        if len(head) <= limit and text.startswith(head):
+            break
+        n -= 1
+    return n, (text[:limit] if hits else None)
+
+
+def _prompt_lists(idx, attention_mask, vocab_size):
+    """idx as a (B, T) tensor (+ optional left-padding mask) or a list of id lists -> list of lists."""
+    if isinstance(idx, torch.Tensor):
+        if idx.dim() != 2:
+            raise MiniloraError(f"idx must be a (B, T) tensor of token ids, got shape {tuple(idx.shape)}")
+        rows = idx.tolist()
+        if attention_mask is not None:
+            mask = torch.as_tensor(attention_mask).bool().cpu()
+            if mask.shape != idx.shape:
+                raise MiniloraError(f"attention_mask shape {tuple(mask.shape)} differs from idx shape {tuple(idx.shape)}")
+            lengths = mask.sum(dim=1).tolist()
+            for i, n in enumerate(lengths):
+                if not mask[i, idx.size(1) - n:].all():
+                    raise MiniloraError(f"attention_mask row {i} is not left-padded (zeros then ones); pad on the left")
+            rows = [r[len(r) - n:] for r, n in zip(rows, lengths)]
+    else:
+        if attention_mask is not None:
+            raise MiniloraError("attention_mask is only for a (B, T) tensor idx; a list of prompts needs no padding")
+        if not isinstance(idx, (list, tuple)) or any(isinstance(r, int) for r in idx):
+            raise MiniloraError("idx must be a (B, T) tensor or a list of token-id lists; wrap one prompt as [ids]")
+        rows = [[int(t) for t in r] for r in idx]
+    if not rows:
+        raise MiniloraError("no prompts given")
+    for i, r in enumerate(rows):
+        if not r:
+            raise MiniloraError(f"prompt {i} is empty; every prompt needs at least one token (e.g. the eot token)")
+        bad = [t for t in r if not 0 <= t < vocab_size]
+        if bad:
+            raise MiniloraError(f"prompt {i} has token id {bad[0]} outside the model's vocabulary (0..{vocab_size - 1})")
+    return rows
+
+
+def _attn_mask(key_valid, q0, L):
+    """(B, 1, L - q0, L) bool: queries at slots q0..L-1 see non-pad keys up to themselves."""
+    q = torch.arange(q0, L, device=key_valid.device)[:, None]
+    k = torch.arange(L, device=key_valid.device)[None, :]
+    mask = (k <= q)[None] & key_valid[:, None, :L]  # (B, Tq, L)
+    # A pad query would see no key at all, and SDPA turns an all-False row into NaN: let it see itself.
+    return (mask | (k == q)[None])[:, None]  # (B, 1, Tq, L)
+
+
+class GenerationStream:
+    """The events of one generation (see Event), produced lazily; result() once exhausted.
+
+    Build it with stream_generate(). Arguments are checked here, so bad input raises at the
+    call, not at the first next(). The model is switched to eval mode on the first next() and
+    restored (and its KV cache cleared) when the stream ends or is closed.
+    """
+
+    def __init__(self, model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
+                 stop=None, seed=None, eot_token=None, tokenizer=None, attention_mask=None,
+                 autocast_dtype=None, return_logits=False):
+        cfg = model.config
+        self.prompts = _prompt_lists(idx, attention_mask, cfg.vocab_size)
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise MiniloraError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        T = max(len(p) for p in self.prompts)
+        if T + max_new_tokens > cfg.block_size:
+            raise MiniloraError(
+                f"prompt of {T} tokens + max_new_tokens={max_new_tokens} exceeds the model's context "
+                f"(block_size={cfg.block_size}); lower max_new_tokens or shorten the prompt")
+        if not temperature >= 0:
+            raise MiniloraError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise MiniloraError(f"top_k must be a positive int or None, got {top_k!r}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise MiniloraError(f"top_p must be in (0, 1] or None, got {top_p}")
+        self.stop = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise MiniloraError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+        if self.stop and tokenizer is None:
+            raise MiniloraError("stop strings need tokenizer= to decode the tokens")
+        self.model, self.T, self.N = model, T, max_new_tokens
+        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        self.use_cache, self.eot, self.tokenizer = use_cache, eot_token, tokenizer
+        self.autocast_dtype, self.return_logits = autocast_dtype, return_logits
+        self.device = model.lm_head.weight.device
+        self.generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
+        B = len(self.prompts)
+        self.completions, self.emitted = [[] for _ in range(B)], [0] * B
+        self.finish, self.texts = [None] * B, [None] * B
+        self.logits = [[] for _ in range(B)]
+        self.stats = GenerationStats(prompt_tokens=sum(len(p) for p in self.prompts))
+        self._events = self._run()
+
+    def __iter__(self):
+        return self._events
+
+    def __next__(self):
+        return next(self._events)
+
+    def close(self):
+        self._events.close()
+
+    def result(self):
+        """The Generation, once every event has been consumed."""
+        if None in self.finish:
+            raise MiniloraError("the stream is not finished; iterate it to the end before result()")
+        texts = None
+        if self.tokenizer is not None:
+            texts = [t if t is not None else self.tokenizer.decode(c) for t, c in zip(self.texts, self.completions)]
+        logits = [torch.stack(l) for l in self.logits] if self.return_logits else None
+        return Generation(self.completions, self.finish, texts, self.stats, logits)
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def _run(self):
+        modes = {m: m.training for m in self.model.modules()}
+        self.model.eval()
+        try:
+            self._prefill()
+            for step in range(self.N):
+                t0 = time.perf_counter()
+                events, keep = self._sample(last=step == self.N - 1)
+                self.stats.decode_s += time.perf_counter() - t0
+                yield from events
+                if not keep:
+                    return
+                t0 = time.perf_counter()
+                self._decode(keep)
+                self.stats.decode_s += time.perf_counter() - t0
+        finally:
+            self.model.clear_kv_cache()
+            for m, mode in modes.items():
+                m.training = mode
+
+    def _forward(self, idx, pos, attn_mask, cache_pos):
+        """Every forward passes here; self.rows names each batch row's prompt, so a per-row
+        adapter context can wrap this call. Returns the last position's logits (B, V) in fp32."""
+        ctx = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+               else contextlib.nullcontext())
+        with ctx:
+            logits, _ = self.model(idx, pos=pos, attn_mask=attn_mask, cache_pos=cache_pos)
+        return logits[:, -1].float()  # (B, V)
+
+    @torch.inference_mode()
+    def _prefill(self):
+        t0 = time.perf_counter()
+        B, T, dev = len(self.prompts), self.T, self.device
+        total = T + self.N
+        pad = torch.tensor([T - len(p) for p in self.prompts], device=dev)  # (B,)
+        self.seq = torch.zeros(B, total, dtype=torch.long, device=dev)  # pad id 0: masked out anyway
+        for i, p in enumerate(self.prompts):
+            self.seq[i, T - len(p):T] = torch.tensor(p, device=dev)
+        slot = torch.arange(total, device=dev)[None, :]  # (1, total)
+        self.key_valid = slot >= pad[:, None]  # (B, total): False on pad slots
+        self.pos = (slot - pad[:, None]).clamp(min=0)  # (B, total): 0 at each row's first real token
+        self.padded = bool(pad.any())
+        self.rows = list(range(B))  # prompt index of each batch row; shrinks as rows finish
+        self.L = T  # tokens in each row's sequence so far (pads included)
+        if self.use_cache:
+            self.model.setup_kv_cache(B, total, dtype=self.autocast_dtype, device=dev)
+        mask = _attn_mask(self.key_valid, 0, T) if self.padded else None
+        self.next_logits = self._forward(self.seq[:, :T], self.pos[:, :T], mask, 0 if self.use_cache else None)
+        self.stats.prefill_s = time.perf_counter() - t0
+
+    @torch.inference_mode()
+    def _sample(self, last):
+        """Sample one token per active row; -> (events, batch indices of the rows still going)."""
+        logits = self.next_logits
+        tokens = sample_next(logits, generator=self.generator, **self.sampling)  # (B,)
+        self.seq[:, self.L] = tokens
+        self.stats.new_tokens += len(self.rows)
+        events, keep = [], []
+        for i, (r, tok) in enumerate(zip(self.rows, tokens.tolist())):
+            if self.return_logits:
+                self.logits[r].append(logits[i].cpu())
+            events += self._accept(r, tok, last)
+            if self.finish[r] is None:
+                keep.append(i)
+        return events, keep
+
+    def _accept(self, r, tok, last):
+        """Add token `tok` to prompt r's completion; -> the events it releases."""
+        out, finish, text = self.completions[r], None, None
+        if tok == self.eot:
+            finish = "stop"
+        else:
+            out.append(tok)
+        n = len(out)
+        if self.stop and finish is None:
+            n, text = _stop_cut(self.tokenizer, out, self.stop)
+            if text is not None:
+                finish, self.texts[r] = "stop", text
+                del out[n:]
+        if finish is None and last:
+            finish, n = "length", len(out)
+        elif finish == "stop" and text is None:
+            n = len(out)  # eot: tokens held back for a stop string that never came are released
+        events = [Event(r, t, None) for t in out[self.emitted[r]:n]]
+        self.emitted[r] = n
+        if finish:
+            self.finish[r] = finish
+            events.append(Event(r, None, finish))
+        return events
+
+    @torch.inference_mode()
+    def _decode(self, keep):
+        """Drop finished rows, then one forward for the token each remaining row just sampled."""
+        if len(keep) < len(self.rows):
+            self._compact(keep)
+        L = self.L
+        self.L += 1
+        if self.use_cache:
+            mask = _attn_mask(self.key_valid, L, L + 1) if self.padded else None
+            self.next_logits = self._forward(self.seq[:, L:L + 1], self.pos[:, L:L + 1], mask, L)
+        else:
+            mask = _attn_mask(self.key_valid, 0, L + 1) if self.padded else None
+            self.next_logits = self._forward(self.seq[:, :L + 1], self.pos[:, :L + 1], mask, None)
+
+    def _compact(self, keep):
+        idx = torch.tensor(keep, device=self.device)
+        self.rows = [self.rows[i] for i in keep]
+        self.seq, self.pos, self.key_valid = self.seq[idx], self.pos[idx], self.key_valid[idx]
+        self.padded = not bool(self.key_valid[:, :self.T].all())
+        if self.use_cache:
+            # Move the survivors' cache rows to the front, once: the model then uses the first n rows
+            # as plain views. (cache_rows would gather the whole cache again at every step.)
+            n, L = len(keep), self.L
+            for block in self.model.transformer.h:
+                kv = block.attn.kv_cache
+                kv.k[:n, :, :L] = kv.k[idx, :, :L]  # (n, nh, L, hs); the gather copies before writing
+                kv.v[:n, :, :L] = kv.v[idx, :, :L]
+
+
+def stream_generate(model, idx, max_new_tokens, **kwargs):
+    """Like generate(), but an iterator of Events as tokens become certain; .result() at the end.
+
+    A token is released as soon as no stop string can begin inside it; each row ends with one
+    Event(row, None, "stop" | "length"). Concatenating a row's tokens gives generate()'s tokens.
+    """
+    return GenerationStream(model, idx, max_new_tokens, **kwargs)
+
+
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, stop=None,
+             seed=None, eot_token=None, tokenizer=None, attention_mask=None, autocast_dtype=None,
+             return_logits=False):
+    """Sample up to max_new_tokens new tokens for each prompt -> Generation.
+
+    idx: a (B, T) LongTensor (with attention_mask (B, T), 1 = token, 0 = left padding, for prompts
+    of different lengths) or a list of token-id lists of any lengths. temperature 0 is greedy;
+    top_k / top_p filter before sampling; seed makes sampling reproducible (None: torch's global
+    RNG). A row stops at eot_token or at any of the stop strings (a str or list, decoded with
+    tokenizer), which are excluded from its output. Prompt + max_new_tokens must fit in the
+    model's block_size. use_cache=False is the slow re-forward reference. autocast_dtype runs the
+    forwards under torch.autocast. return_logits keeps each step's logits (for tests).
+    """
+    stream = GenerationStream(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, stop, seed,
+                              eot_token, tokenizer, attention_mask, autocast_dtype, return_logits)
+    for _ in stream:
+        pass
+    return stream.result()

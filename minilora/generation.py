@@ -20,9 +20,11 @@ finish, not per step) and the batch shrinks, so finished rows cost nothing furth
 
 use_cache=False re-runs the whole sequence every step: the slow reference the tests and the
 benchmark compare against. LoRA adapters (merged, unmerged or disabled) are ordinary modules
-inside the model, so nothing here depends on them. For bf16 either cast the weights
-(model.to(torch.bfloat16); the cache follows the weights' dtype) or keep fp32 weights and pass
-autocast_dtype=torch.bfloat16 (the cache is then kept in bf16 too). Logits are sampled in fp32.
+inside the model, so nothing here depends on them; adapter_names=["sql", "__base__", ...] gives
+each prompt its own adapter in one batch (minilora.lora.row_adapters, applied at every forward).
+For bf16 either cast the weights (model.to(torch.bfloat16); the cache follows the weights' dtype)
+or keep fp32 weights and pass autocast_dtype=torch.bfloat16 (the cache is then kept in bf16 too).
+Logits are sampled in fp32.
 
 generate() puts the model in eval mode and restores each module's training flag afterwards; it
 sets up and finally clears the model's KV cache, so one model runs one generation at a time.
@@ -37,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from minilora.errors import MiniloraError
+from minilora.lora import check_row_adapters, row_adapters
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -167,9 +170,12 @@ class GenerationStream:
 
     def __init__(self, model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
                  stop=None, seed=None, eot_token=None, tokenizer=None, attention_mask=None,
-                 autocast_dtype=None, return_logits=False):
+                 autocast_dtype=None, return_logits=False, adapter_names=None):
         cfg = model.config
         self.prompts = _prompt_lists(idx, attention_mask, cfg.vocab_size)
+        if adapter_names is not None:  # checked now: an unknown name fails before any compute
+            adapter_names = check_row_adapters(model, adapter_names, len(self.prompts))
+        self.adapter_names = adapter_names
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise MiniloraError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         T = max(len(p) for p in self.prompts)
@@ -247,7 +253,9 @@ class GenerationStream:
         adapter context can wrap this call. Returns the last position's logits (B, V) in fp32."""
         ctx = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                else contextlib.nullcontext())
-        with ctx:
+        rows = (row_adapters(self.model, [self.adapter_names[r] for r in self.rows]) if self.adapter_names
+                else contextlib.nullcontext())
+        with ctx, rows:
             logits, _ = self.model(idx, pos=pos, attn_mask=attn_mask, cache_pos=cache_pos)
         return logits[:, -1].float()  # (B, V)
 
@@ -352,7 +360,7 @@ def stream_generate(model, idx, max_new_tokens, **kwargs):
 
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, stop=None,
              seed=None, eot_token=None, tokenizer=None, attention_mask=None, autocast_dtype=None,
-             return_logits=False):
+             return_logits=False, adapter_names=None):
     """Sample up to max_new_tokens new tokens for each prompt -> Generation.
 
     idx: a (B, T) LongTensor (with attention_mask (B, T), 1 = token, 0 = left padding, for prompts
@@ -362,9 +370,11 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     tokenizer), which are excluded from its output. Prompt + max_new_tokens must fit in the
     model's block_size. use_cache=False is the slow re-forward reference. autocast_dtype runs the
     forwards under torch.autocast. return_logits keeps each step's logits (for tests).
+    adapter_names: one adapter name per prompt ("__base__" for none), PEFT's mixed-adapter batch:
+    the base matmuls run once for the batch and each row adds its own adapter's update.
     """
     stream = GenerationStream(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, stop, seed,
-                              eot_token, tokenizer, attention_mask, autocast_dtype, return_logits)
+                              eot_token, tokenizer, attention_mask, autocast_dtype, return_logits, adapter_names)
     for _ in stream:
         pass
     return stream.result()

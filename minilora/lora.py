@@ -34,6 +34,7 @@ import torch.nn as nn
 from minilora.errors import MiniloraError
 
 BIAS_MODES = ("none", "all", "lora_only")
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 _BLOCK = re.compile(r"transformer\.h\.(\d+)\.")  # a module path inside block i of GPT
 
 
@@ -144,8 +145,9 @@ def _fp32(t):
 
 
 def _check_adapter_name(name):
-    if not isinstance(name, str) or not name or "." in name:
-        raise MiniloraError(f"adapter name must be a non-empty string without '.', got {name!r}")
+    if not isinstance(name, str) or not name or "." in name or name == BASE_ADAPTER:
+        raise MiniloraError(f"adapter name must be a non-empty string without '.', other than {BASE_ADAPTER!r}, "
+                            f"got {name!r}")
 
 
 class LoRALinear(nn.Module):
@@ -162,6 +164,7 @@ class LoRALinear(nn.Module):
         self.active_adapters = []  # applied in forward, in this order
         self.merged_adapters = []  # already folded into base_layer.weight, so skipped in forward
         self.disable_adapters = False
+        self.row_groups = None  # in a mixed-adapter batch: adapter name -> (n,) batch rows, see row_adapters()
 
     def add_adapter(self, name, r, lora_alpha, lora_dropout=0.0, use_rslora=False, init_lora_weights=True):
         _check_adapter_name(name)
@@ -198,8 +201,27 @@ class LoRALinear(nn.Module):
         A = self.lora_A[name]
         return self.lora_B[name](A(self.lora_dropout[name](x.to(A.weight.dtype)))) * self.scaling[name]
 
+    def mixed_update(self, x, result):
+        """result + each batch row's own adapter update (row_groups), rows on BASE_ADAPTER untouched.
+
+        Rows are grouped by adapter (SGMV, Punica's segmented kernel): each adapter present costs
+        one index_select, its own two small matmuls at its own rank on its own rows, and one
+        index_add. On a CPU that is the cheapest exact choice here: padded prefill batches have
+        B x T rows, where stacking every adapter for every row (multi_lora.SlotLoRALinear's
+        decode kernel) would multiply the low-rank work by the number of adapters, and gathering
+        per-row A/B copies them once per row. Rows of no group are never written: bit-identical
+        to the base layer.
+        """
+        for name, rows in self.row_groups.items():
+            if name in self.lora_A:  # an adapter that does not target this layer adds nothing here
+                delta = self.lora_update(x.index_select(0, rows), name)  # (n, ..., out) for its n rows
+                result = result.index_add(0, rows, delta.to(result.dtype))
+        return result
+
     def forward(self, x):
         result = self.base_layer(x)
+        if self.row_groups is not None:
+            return self.mixed_update(x, result)
         if self.disable_adapters:
             return result  # disabled adapters cost nothing: no low-rank compute at all
         for name in self.active_adapters:
@@ -406,6 +428,41 @@ def set_adapter(model, adapter_name):
     for _, layer in lora_layers(model):
         layer.active_adapters = list(names)  # a layer lacking one of them simply skips it
     _mark_trainable(model)
+
+
+def check_row_adapters(model, adapter_names, batch_size):
+    """Refuse a mixed-adapter batch before any compute: one known name (or BASE_ADAPTER) per row."""
+    names = list(adapter_names) if isinstance(adapter_names, (list, tuple)) else None
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise MiniloraError(f"adapter_names must be a list of adapter names, one per row, got {adapter_names!r}")
+    if len(names) != batch_size:
+        raise MiniloraError(f"adapter_names has {len(names)} names for {batch_size} rows; give one per row "
+                            f"({BASE_ADAPTER!r} for the base model)")
+    _check_known(model, sorted({n for n in names if n != BASE_ADAPTER}))
+    _refuse_if_merged(model, "run a mixed-adapter batch (a merged adapter would apply to every row)")
+    return names
+
+
+@contextlib.contextmanager
+def row_adapters(model, adapter_names):
+    """`with row_adapters(model, ["sql", "__base__", "quotes"]):` every forward inside gives batch
+    row i the adapter adapter_names[i] alone (PEFT's adapter_names=), whatever set_adapter says."""
+    names = check_row_adapters(model, adapter_names, len(adapter_names))
+    layers = [layer for _, layer in lora_layers(model)]
+    device = next(model.parameters()).device
+    groups = {}
+    for i, n in enumerate(names):
+        if n != BASE_ADAPTER:
+            groups.setdefault(n, []).append(i)
+    groups = {n: torch.tensor(rows, device=device) for n, rows in groups.items()}  # (n,) rows of each adapter
+    before = [layer.row_groups for layer in layers]
+    for layer in layers:
+        layer.row_groups = groups
+    try:
+        yield model
+    finally:
+        for layer, g in zip(layers, before):
+            layer.row_groups = g
 
 
 @contextlib.contextmanager

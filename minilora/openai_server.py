@@ -1,0 +1,336 @@
+"""An OpenAI-compatible HTTP front end for the Engine, on the standard library's http.server.
+
+    GET  /health                      200 while the server runs
+    GET  /v1/models                   the base and every adapter (parent = the base), OpenAI's list shape
+    POST /v1/completions              OpenAI's completions API; `model` picks the adapter (or the base)
+    POST /v1/load_lora_adapter        {"lora_name", "lora_path"}   (vLLM's runtime updating, opt-in)
+    POST /v1/unload_lora_adapter      {"lora_name"}
+
+Every bad request gets a 4xx in OpenAI's error shape, {"error": {"message", "type", "param",
+"code"}}, and never reaches the model: bodies are capped (413) and need a Content-Length (411),
+JSON and every field are checked (400), unknown models are 404 naming the available ones.
+Streaming (`"stream": true`) sends server-sent events, one chunk per released piece of text,
+then `data: [DONE]`; a client that disconnects mid-stream has its sequences dropped.
+"""
+
+import contextlib
+import json
+import os
+import queue
+import select
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from minilora.errors import MiniloraError
+from minilora.multi_lora import BASE
+from minilora.serving import Request, Sampling
+
+MAX_BODY_BYTES = 1 << 20
+MAX_CHOICES = 64  # prompts x n in one request
+
+
+class ApiError(Exception):
+    def __init__(self, status, message, code=None, param=None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+    def body(self):
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+def _number(body, key, default, lo, hi, integer=False):
+    v = body.get(key, default)
+    if v is None:
+        return default
+    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+    if isinstance(v, bool) or not ok or not lo <= v <= hi:
+        kind = "an integer" if integer else "a number"
+        raise ApiError(400, f"'{key}' must be {kind} in [{lo}, {hi}], got {v!r}", "invalid_value", key)
+    return v
+
+
+def _prompts(value, tokenizer):
+    """OpenAI's prompt: a string, a list of strings, a list of token ids, or a list of such lists."""
+    def ids(p):
+        if isinstance(p, str):
+            return tokenizer.encode(p) or [tokenizer.eot_token]  # "" conditions on <|endoftext|>, as in OpenAI's API
+        if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            bad = [t for t in p if not 0 <= t < tokenizer.n_vocab]
+            if bad:
+                raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{tokenizer.n_vocab - 1})",
+                               "invalid_value", "prompt")
+            return p
+        raise ApiError(400, "'prompt' must be a string, a list of strings, or (lists of) token ids", "invalid_value", "prompt")
+
+    if value is None:
+        raise ApiError(400, "'prompt' is required", "missing_field", "prompt")
+    if isinstance(value, list) and value and (isinstance(value[0], str) or isinstance(value[0], list)):
+        return [ids(p) for p in value]
+    return [ids(value)]
+
+
+def parse_completion(body, engine, base_name):
+    """A /v1/completions JSON body -> Request (not yet submitted), or ApiError."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", "invalid_json")
+    model = body.get("model")
+    if not isinstance(model, str):
+        raise ApiError(400, "'model' is required: the base model's name or an adapter's", "missing_field", "model")
+    names = engine.registry.names()
+    if model != base_name and model not in names:
+        raise ApiError(404, f"The model '{model}' does not exist. Available models: {', '.join([base_name] + names)}",
+                       "model_not_found", "model")
+    for key, off in (("logprobs", None), ("echo", False), ("suffix", None), ("logit_bias", None),
+                     ("presence_penalty", 0), ("frequency_penalty", 0)):
+        if body.get(key, off) not in (off, None, {}):
+            raise ApiError(400, f"'{key}' is not supported by this server; leave it out", "unsupported", key)
+    if body.get("best_of") not in (None, 1, body.get("n", 1)):
+        raise ApiError(400, "'best_of' is not supported by this server; leave it out", "unsupported", "best_of")
+    stream, ignore_eos = body.get("stream", False), body.get("ignore_eos", False)
+    for key, v in (("stream", stream), ("ignore_eos", ignore_eos)):
+        if not isinstance(v, bool):
+            raise ApiError(400, f"'{key}' must be true or false, got {v!r}", "invalid_value", key)
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, "'stop' must be a non-empty string or a list of up to 4 of them", "invalid_value", "stop")
+    seed = body.get("seed")
+    if seed is not None:
+        seed = _number(body, "seed", None, 0, 2**63 - 1 - MAX_CHOICES, integer=True)
+    n = _number(body, "n", 1, 1, MAX_CHOICES, integer=True)
+    max_tokens = _number(body, "max_tokens", 16, 1, engine.L, integer=True)
+    sampling = Sampling(max_tokens=max_tokens, temperature=float(_number(body, "temperature", 1.0, 0, 2)),
+                        top_p=float(_number(body, "top_p", 1.0, 1e-9, 1.0)), stop=stop, seed=seed,
+                        ignore_eos=ignore_eos)
+    prompts = _prompts(body.get("prompt"), engine.tokenizer)
+    if len(prompts) * n > MAX_CHOICES:
+        raise ApiError(400, f"{len(prompts)} prompts x n={n} is more than {MAX_CHOICES} completions; split the request",
+                       "invalid_value", "n")
+    longest = max(len(p) for p in prompts)
+    if longest + max_tokens > engine.L:
+        raise ApiError(400, f"This model's maximum context length is {engine.L} tokens, but the prompt has {longest} "
+                            f"and max_tokens is {max_tokens}; shorten the prompt or lower max_tokens",
+                       "context_length_exceeded", "max_tokens")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ApiError(400, "'stream_options' must be an object", "invalid_value", "stream_options")
+    request = Request(BASE if model == base_name else model, prompts, sampling, n=n, model=model)
+    request.include_usage = bool(options.get("include_usage"))  # OpenAI: a final usage chunk only on request
+    return request, stream
+
+
+class App:
+    """What the handler needs: the engine, names, and the runtime-updating policy."""
+
+    def __init__(self, engine, base_name, runtime_updates=False, allowed_dirs=(), max_body=MAX_BODY_BYTES):
+        if runtime_updates and not allowed_dirs:
+            raise MiniloraError("--enable-runtime-lora-updating needs --allowed-lora-dir: the directories "
+                                "clients may load adapters from")
+        self.engine, self.base_name, self.runtime_updates, self.max_body = engine, base_name, runtime_updates, max_body
+        self.allowed = [os.path.realpath(d) for d in allowed_dirs]
+        self.started = int(time.time())
+        self.created = {}
+
+    def models(self):
+        paths = self.engine.registry.paths  # a snapshot: the registry replaces it, never mutates it
+        card = lambda name, root, parent: {"id": name, "object": "model", "created": self.created.get(name, self.started),
+                                           "owned_by": "minilora", "root": root, "parent": parent,
+                                           "max_model_len": self.engine.L}
+        return {"object": "list", "data": [card(self.base_name, self.base_name, None)] +
+                [card(n, p, self.base_name) for n, p in paths.items()]}
+
+    def load(self, body):
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
+            raise ApiError(400, "'lora_name' and 'lora_path' must be non-empty strings", "invalid_value")
+        if name in (self.base_name, BASE):
+            raise ApiError(400, f"'{name}' is the base model's name; choose another lora_name", "invalid_value", "lora_name")
+        if name in self.engine.registry.paths:
+            raise ApiError(400, f"The lora adapter '{name}' has already been loaded; unload it first", "invalid_value",
+                           "lora_name")
+        real = self._allowed(path)
+        try:
+            weights = self.engine.registry.read(name, real)  # from disk, outside the lock: decoding goes on
+            with self.engine.lock:
+                self.engine.registry.add(name, real, weights)
+        except MiniloraError as e:
+            raise ApiError(400, str(e), "invalid_value", "lora_path") from None
+        self.created[name] = int(time.time())
+        return f"Success: LoRA adapter '{name}' added successfully."
+
+    def unload(self, body):
+        name = body.get("lora_name")
+        if not isinstance(name, str) or name not in self.engine.registry.paths:
+            raise ApiError(404, f"The lora adapter '{name}' cannot be found.", "model_not_found", "lora_name")
+        with self.engine.lock:
+            self.engine.registry.remove(name)
+        self.created.pop(name, None)
+        return f"Success: LoRA adapter '{name}' removed successfully."
+
+    def _allowed(self, path):
+        """The real path of an adapter directory inside an allowed one: '..' and symlinks resolved first."""
+        real = os.path.realpath(path)
+        files = [real] + [os.path.realpath(os.path.join(real, f)) for f in os.listdir(real)] if os.path.isdir(real) else [real]
+        for f in files:
+            if not any(os.path.commonpath([f, d]) == d for d in self.allowed):
+                raise ApiError(403, f"'{path}' is outside the directories this server may load adapters from",
+                               "forbidden", "lora_path")
+        return real
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "minilora"
+    timeout = 60  # a client that stalls mid-request frees its thread
+
+    def log_message(self, fmt, *args):  # quiet by default; the server prints one line per start
+        if self.server.verbose:
+            super().log_message(fmt, *args)
+
+    def do_GET(self):
+        self._route({"/health": lambda: {"status": "ok"}, "/v1/models": self.server.app.models})
+
+    def do_POST(self):
+        app = self.server.app
+        routes = {"/v1/completions": self._completions}
+        if app.runtime_updates:
+            routes.update({"/v1/load_lora_adapter": lambda: app.load(self._json()),
+                           "/v1/unload_lora_adapter": lambda: app.unload(self._json())})
+        self._route(routes)
+
+    def _route(self, routes):
+        path = self.path.split("?", 1)[0]
+        try:
+            if path not in routes:
+                other = "POST" if self.command == "GET" else "GET"
+                if path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+                    raise ApiError(404, f"{path} is off; start the server with --enable-runtime-lora-updating", "not_found")
+                raise ApiError(405 if path in _ROUTES[other] else 404, f"no {self.command} route {path}", "not_found")
+            out = routes[path]()
+            if out is not None:
+                self._send(200, out)
+        except ApiError as e:
+            self._send(e.status, e.body())
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            pass  # the client went away (the finally in _completions has freed its rows)
+        except Exception as e:  # a bug in one request must not take the server down
+            with contextlib.suppress(OSError):
+                self._send(500, ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error").body())
+
+    def _json(self):
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raise ApiError(411, "chunked bodies are not accepted; send a Content-Length", "length_required")
+        size = self.headers.get("Content-Length")
+        if size is None:
+            raise ApiError(411, "a Content-Length header is required", "length_required")
+        if not size.isdigit():
+            raise ApiError(400, f"bad Content-Length {size!r}", "invalid_value")
+        if int(size) > self.server.app.max_body:
+            raise ApiError(413, f"request body of {size} bytes is over the {self.server.app.max_body}-byte limit",
+                           "payload_too_large")
+        raw = self.rfile.read(int(size))
+        try:
+            return json.loads(raw)
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+            raise ApiError(400, f"the body is not valid JSON: {e}", "invalid_json") from None
+
+    def _send(self, status, out):
+        text = isinstance(out, str)
+        data = (out if text else json.dumps(out)).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain; charset=utf-8" if text else "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _completions(self):
+        app = self.server.app
+        request, stream = parse_completion(self._json(), app.engine, app.base_name)
+        app.engine.submit(request)
+        try:
+            if stream:
+                return self._stream(request)
+            return self._collect(request)
+        finally:
+            app.engine.cancel(request)  # no-op if it finished; frees its rows if the client went away
+
+    def _events(self, request):
+        """The request's events, ending early (ConnectionResetError) if the client hangs up meanwhile."""
+        while True:
+            try:
+                event = request.events.get(timeout=0.05)
+            except queue.Empty:
+                event = None
+            # a closed connection reads as EOF: notice it even when there is nothing to write
+            if select.select([self.connection], [], [], 0)[0] and not self.connection.recv(1, socket.MSG_PEEK):
+                raise ConnectionResetError("client disconnected")
+            if event is not None:
+                yield event
+                if event[0] in ("done", "error"):
+                    return
+
+    def _collect(self, request):
+        texts, finish = [""] * len(request.sequences), [None] * len(request.sequences)
+        for kind, i, value in self._events(request):
+            if kind == "error":
+                raise ApiError(i, value, "model_not_found" if i == 404 else "server_error")
+            if kind == "delta":
+                texts[i] += value
+            elif kind == "finish":
+                finish[i] = value
+            elif kind == "done":
+                choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": f}
+                           for i, (t, f) in enumerate(zip(texts, finish))]
+                return {"id": request.id, "object": "text_completion", "created": request.created,
+                        "model": request.model, "choices": choices, "usage": value}
+
+    def _stream(self, request):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")  # HTTP/1.0: the stream ends when the connection does
+        self.end_headers()
+        head = {"id": request.id, "object": "text_completion", "created": request.created, "model": request.model}
+        for kind, i, value in self._events(request):
+            if kind == "error":
+                chunk = ApiError(i, value, "server_error").body()
+            elif kind == "done":
+                if not request.include_usage:
+                    continue
+                chunk = {**head, "choices": [], "usage": value}
+            else:
+                text, reason = (value, None) if kind == "delta" else ("", value)
+                chunk = {**head, "choices": [{"text": text, "index": i, "logprobs": None, "finish_reason": reason}]}
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.flush()
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+
+
+_ROUTES = {"GET": {"/health", "/v1/models"},
+           "POST": {"/v1/completions", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"}}
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True  # a stuck client never blocks shutdown
+
+    def __init__(self, app, host="127.0.0.1", port=8000, verbose=False):
+        self.app, self.verbose = app, verbose
+        super().__init__((host, port), Handler)
+
+    @property
+    def url(self):
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self):
+        """Serve from a background thread (tests, notebooks); returns self."""
+        threading.Thread(target=self.serve_forever, name="minilora-http", daemon=True).start()
+        return self
+
+    def close(self):
+        self.shutdown()
+        self.server_close()
+        self.app.engine.stop()

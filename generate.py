@@ -11,16 +11,14 @@ is not a GPT-2 name (tiny, small) or scratch:PRESET (scratch:gpt2). Every option
 Prints each sample (prompt + completion), then tokens/s with prefill and decode timed apart.
 """
 
-import json
-import os
 import sys
 from dataclasses import dataclass
 
 import torch
 
-from minilora import GPT, GPTConfig, MiniloraError
+from minilora import MiniloraError
+from minilora.checkpoint import load_model
 from minilora.cli import main_guard, opt, parse_args
-from minilora.config import PRESETS
 from minilora.generation import generate, stream_generate
 from minilora.tokenizer import get_tokenizer
 
@@ -47,34 +45,6 @@ class Args:
     dtype: str = opt("float32", "weights' dtype", choices=list(DTYPES))
     device: str = opt("cpu", "cpu, cuda, cuda:1, ...")
     no_cache: bool = opt(False, "re-run the whole sequence every step (the slow reference)")
-
-
-def load_model(init_from, adapter, seed):
-    """The GPT --init_from names (+ the adapter), in fp32 on the CPU."""
-    if init_from is None:
-        if adapter is None:
-            raise MiniloraError("give --init_from (a model dir, a hub name like gpt2, or tiny) or --adapter")
-        try:
-            with open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8") as f:
-                init_from = json.load(f).get("base_model_name_or_path")
-        except (OSError, ValueError) as e:
-            raise MiniloraError(f"cannot read the base model from {adapter}/adapter_config.json ({e}); "
-                                "pass --init_from") from None
-        if not init_from:
-            raise MiniloraError(f"the adapter in {adapter} does not name its base model; pass --init_from")
-    preset = init_from.removeprefix("scratch:")
-    if init_from.startswith("scratch:") or (preset in PRESETS and not preset.startswith("gpt2")):
-        torch.manual_seed(seed)
-        model = GPT(GPTConfig.from_name(preset))
-    elif os.path.isdir(init_from):
-        from minilora.trainer import load_base  # reads HF dirs and train.py output dirs (LoRA: base + adapter)
-        model, _ = load_base(init_from)
-    else:
-        model = GPT.from_pretrained(init_from)
-    if adapter is not None:
-        from minilora.lora import load_adapter
-        load_adapter(model, adapter, adapter_name="default" if not hasattr(model, "peft_config") else "cli")
-    return model.eval()
 
 
 def main(argv=None):

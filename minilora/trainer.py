@@ -35,13 +35,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from minilora.checkpoint import load_base, read_run_info
 from minilora.cli import opt
 from minilora.config import PRESETS, GPTConfig
 from minilora.data import load_dataset
 from minilora.errors import MiniloraError
 from minilora.fileio import atomic_directory, atomic_open
 from minilora.hub import read_config
-from minilora.lora import LoraConfig, apply_lora, count_parameters, load_adapter, merge_and_unload, save_adapter, \
+from minilora.lora import LoraConfig, apply_lora, count_parameters, merge_and_unload, save_adapter, \
     set_adapter, trainable_line
 from minilora.model import GPT
 from minilora.params import format_report, parameter_report
@@ -203,35 +204,6 @@ def cleanup(rt):
 def lora_config(cfg, base_model=None):
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.target_modules),
                       lora_dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora, base_model_name_or_path=base_model)
-
-
-def read_run_info(path):
-    """The minilora.json of a minilora output directory, or None if `path` is not one."""
-    fp = os.path.join(path, "minilora.json")
-    if not os.path.isfile(fp):
-        return None
-    try:
-        with open(fp, encoding="utf-8") as f:
-            info = json.load(f)
-    except (OSError, ValueError) as e:
-        raise MiniloraError(f"{fp}: unreadable ({e}); restore it or train again") from None
-    if not isinstance(info, dict) or info.get("kind") not in ("lora", "full") or not isinstance(info.get("base_model"), str):
-        raise MiniloraError(f"{fp}: not a minilora run file (needs kind 'lora' or 'full' and base_model)")
-    return info
-
-
-def load_base(init_from, preset="tiny", dropout=None):
-    """The weights --init_from names -> (GPT, name of the base to record). A LoRA dir gives base + adapter."""
-    if init_from == "scratch":
-        overrides = {} if dropout is None else {"dropout": dropout}
-        return GPT(GPTConfig.from_name(preset, **overrides)), "scratch:" + preset
-    info = read_run_info(init_from) if os.path.isdir(init_from) else None
-    if info is None or info["kind"] == "full":  # an HF GPT-2 name or directory (ours or anyone's)
-        name = os.path.abspath(init_from) if os.path.isdir(init_from) else init_from
-        return GPT.from_pretrained(init_from, dropout=dropout), name
-    model, base = load_base(info["base_model"], dropout=dropout)
-    load_adapter(model, init_from, is_trainable=True)
-    return model, base
 
 
 def build_model(cfg, rt):

@@ -1,0 +1,130 @@
+"""Merge a LoRA adapter into its base model and write a standalone checkpoint (HF GPT-2 layout).
+
+    python merge.py --adapter out/sql --out out/sql-merged                 # base read from the adapter
+    python merge.py --base out/base --adapter out/sql --out out/merged --dtype bf16
+    python generate.py --init_from out/sql-merged --prompt "list all users"   # no adapter needed now
+
+W' = W + scaling * B @ A is computed in fp32 and cast once to the output dtype. Before anything is
+written, the merged model is checked against the unmerged one on a fixed batch of random tokens:
+max |logit difference| / max |unmerged logit| must stay under the tolerance (fp32 1e-4; the
+written dtype's own, looser one for bf16/fp16). A failed check writes nothing. An existing --out is
+left alone unless --force; the new directory appears in one rename. Every option: -h.
+"""
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from minilora import MiniloraError
+from minilora.checkpoint import adapter_base, load_model
+from minilora.cli import main_guard, opt, parse_args
+from minilora.hub import CONFIG_FILE, PYTORCH_FILE, SAFETENSORS_FILE
+from minilora.lora import lora_layers, merge_and_unload
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Allowed max |Δlogit| / max |logit|. fp32 only sees the merge's rounding (~1e-7 per weight); bf16/fp16
+# are measured against the unmerged fp32 model, so they include casting every weight (eps 2^-7, 2^-10):
+# random tiny/small/gpt2-shape models with r=8 adapters measured 0.5-1.2e-2 in bf16 and 0.5-1.6e-3 in fp16,
+# with extreme weights (std 0.3) up to 4.1e-2 and 6.1e-3; the defaults leave room above that.
+TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 1e-2}
+SAMPLE_ROWS, SAMPLE_LEN, SAMPLE_SEED = 4, 32, 0  # the verification batch: random token ids, always the same
+
+
+@dataclass
+class Args:
+    """Merge a LoRA adapter into its base model and write the result in the HF GPT-2 layout."""
+    adapter: str = opt("", "the PEFT-format adapter directory to merge (required)")
+    out: str = opt("", "directory to write the merged model to (required)")
+    base: str | None = opt(None, "base model dir or hub name; default: the base the adapter records")
+    dtype: str = opt("fp32", "dtype of the written weights (the merge itself is always fp32)", choices=list(DTYPES))
+    force: bool = opt(False, "replace an existing --out directory (one that holds only a saved model)")
+    no_safe_merge: bool = opt(False, "skip safe_merge's NaN/inf check of the merged weights (the logit check runs)")
+    tolerance: float | None = opt(None, "max |Δlogit| / max |logit| allowed for the written dtype; "
+                                        f"default {', '.join(f'{k} {v:g}' for k, v in TOLERANCE.items())}")
+
+
+def check_out(out, force):
+    """Refuse an --out we may not replace, before any work is done."""
+    if not os.path.lexists(out):
+        return
+    if not force:
+        raise MiniloraError(f"{out} already exists; pass --force to replace it, or choose another --out")
+    if not os.path.isdir(out):
+        raise MiniloraError(f"{out} is a file, not a model directory; remove it or choose another --out")
+    # save_pretrained swaps the whole directory, so --force may only replace a directory of its own files
+    foreign = sorted(set(os.listdir(out)) - {CONFIG_FILE, SAFETENSORS_FILE, PYTORCH_FILE})
+    if foreign:
+        raise MiniloraError(f"--force would delete {out}/{foreign[0]} (and {len(foreign) - 1} more), which is "
+                            "not part of a saved model; choose another --out")
+
+
+def sample_batch(config):
+    g = torch.Generator().manual_seed(SAMPLE_SEED)
+    return torch.randint(0, config.vocab_size, (SAMPLE_ROWS, min(SAMPLE_LEN, config.block_size)), generator=g)
+
+
+@torch.no_grad()
+def logits_of(model, idx):
+    return model(idx, all_logits=True)[0].float()  # (B, T, V), every position: the check sees all of them
+
+
+def verify(what, model, idx, ref, tolerance):
+    """max |logits - ref| / max |ref| -> (absolute, relative); raises if over tolerance (NaN fails too)."""
+    diff = (logits_of(model, idx) - ref).abs().max().item()
+    rel = diff / max(ref.abs().max().item(), 1e-12)
+    ok = rel <= tolerance  # False for NaN
+    print(f"verify {what}: max |Δlogit| {diff:.3g} = {rel:.3g} of max |logit| "
+          f"(tolerance {tolerance:g}) {'ok' if ok else 'FAILED'}")
+    if not ok:
+        raise MiniloraError(f"merged model disagrees with the unmerged one ({what}: {rel:.3g} > {tolerance:g} of the "
+                            "logit scale); nothing was written. Check the adapter, or loosen --tolerance if expected")
+    return diff, rel
+
+
+def describe(model):
+    """One line per adapter: rank, alpha, targets, wrapped layer count."""
+    lines = []
+    for name, c in model.peft_config.items():
+        n = sum(name in layer.lora_A for _, layer in lora_layers(model))
+        targets = c.target_modules if isinstance(c.target_modules, str) else ",".join(c.target_modules)
+        lines.append(f"{name}: r={c.r} lora_alpha={c.lora_alpha}{' rslora' if c.use_rslora else ''} "
+                     f"targets={targets} ({n} layers)")
+    return "; ".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(Args, argv)
+    t0 = time.time()
+    if not args.adapter or not args.out:
+        raise MiniloraError("give --adapter DIR (the adapter to merge) and --out DIR (where the merged model goes)")
+    if args.tolerance is not None and not args.tolerance > 0:
+        raise MiniloraError(f"--tolerance must be a positive number, got {args.tolerance}")
+    check_out(args.out, args.force)
+    base = args.base or adapter_base(args.adapter, flag="--base")
+
+    model = load_model(base, args.adapter)  # fp32 on the CPU, eval mode
+    adapters = describe(model)
+    idx = sample_batch(model.config)
+    ref = logits_of(model, idx)  # the unmerged model: what the adapter defines
+
+    # fp32 delta, cast once; safe_merge raises before changing any weight
+    model = merge_and_unload(model, safe_merge=not args.no_safe_merge)
+    tolerance = args.tolerance if args.tolerance is not None else TOLERANCE[args.dtype]
+    # the merge itself is always held to fp32's tolerance; --tolerance loosens it only for --dtype fp32
+    fp32_tolerance = tolerance if args.dtype == "fp32" else TOLERANCE["fp32"]
+    diff, rel = verify("merged vs unmerged, fp32", model, idx, ref, fp32_tolerance)
+    if args.dtype != "fp32":
+        model.to(DTYPES[args.dtype])  # the one cast, after the fp32 merge
+        diff, rel = verify(f"written {args.dtype} vs unmerged fp32", model, idx, ref, tolerance)
+
+    model.save_pretrained(args.out)  # config.json (tokenizer under "minilora") + model.safetensors, one rename
+    size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
+    print(f"merged {args.adapter} into {base}\n  adapter {adapters}\n"
+          f"  max |Δlogit| {diff:.3g} ({rel:.3g} of the logit scale) | wrote {args.out}: {args.dtype}, "
+          f"{size / 1e6:.2f} MB | {time.time() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -61,6 +61,8 @@ class LoraConfig:
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or not self.lora_alpha > 0:
             bad("lora_alpha", "a positive number")
         tm = self.target_modules
+        if isinstance(tm, (list, tuple)) and list(tm) == ["all-linear"]:
+            tm = self.target_modules = "all-linear"  # as a CLI list option delivers it
         if isinstance(tm, (list, tuple, set)) and tm and all(isinstance(t, str) and t for t in tm):
             self.target_modules = sorted(tm) if isinstance(tm, set) else list(tm)
         elif isinstance(tm, str) and tm:

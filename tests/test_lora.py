@@ -157,6 +157,7 @@ def test_target_rules():
     assert targets(target_modules=["attn.q_proj"]) == ["transformer.h.0.attn.q_proj", "transformer.h.1.attn.q_proj"]
     assert targets(target_modules=r"transformer\.h\.1\.mlp\..*") == ["transformer.h.1.mlp.fc_in", "transformer.h.1.mlp.fc_out"]
     assert len(targets(target_modules="all-linear")) == 2 * 6  # lm_head excluded
+    assert len(targets(target_modules=["all-linear"])) == 2 * 6  # the form train.py's list option gives
     assert targets(target_modules=QV, layers_to_transform=[1]) == ["transformer.h.1.attn.q_proj", "transformer.h.1.attn.v_proj"]
     assert targets(target_modules=["lm_head"]) == ["lm_head"]
 

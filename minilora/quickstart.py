@@ -1,0 +1,348 @@
+"""LoRA end to end in one command: no network, about 10 minutes on 2 CPU cores.
+
+    python -m minilora.quickstart                # pretrain a base (cached), then LoRA adapters "sql" and "dates"
+    python -m minilora.quickstart --lora_r 0     # the same "sql" fine-tuning with every weight trained
+    python -m minilora.quickstart --quick        # a few steps of everything (what CI runs)
+
+1. Pretrain a tiny byte-level GPT from scratch on Python's own documentation (tasks.stdlib_corpus).
+   It lands in out_dir/base and a later run with the same settings reuses it.
+2. Fine-tune it on generated tasks (tasks.make_task): English requests -> SQL, and dates between
+   ISO and words. The base scores 0% exact match on both. On a base this small, carrying a value
+   (a city, a number) from the request into the answer is the hard part: LoRA r=8 on q_proj/v_proj
+   learns the query shapes but mostly not the values; full fine-tuning gets much further
+   (measured figures: README).
+3. Print what LoRA claims: trainable parameters, held-out accuracy of base vs adapter, adapter
+   size vs base size, speed and memory; write it all to out_dir/results.json.
+
+Each stage runs in a fresh Python process, so the peak memory reported for a fine-tuning run
+(the process's maximum resident set size, from getrusage) is that run's own, not pretraining's.
+The figure includes the Python and PyTorch runtime (~300 MB), which dwarfs a model this small, so
+the report adds the computed training state too: fp32 weights, plus gradients and AdamW's two
+moments for the trainable ones (4 + 12 bytes per trainable parameter, 4 per frozen one).
+
+out_dir layout:
+    data/        stdlib.txt and {task}_{train,val}.jsonl
+    base/        the pretrained model (HF GPT-2 layout + minilora.json)
+    runs/NAME/   each fine-tuning run's trainer output (log.jsonl, checkpoint/, weights)
+    adapters/    sql/ and dates/: PEFT adapters (adapter_config.json + adapter_model.safetensors)
+                 plus minilora.json, which names the base: the input of generate.py and serve.py
+"""
+
+import concurrent.futures
+import dataclasses
+import json
+import multiprocessing
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+
+from minilora.cli import main_guard, opt, parse_args
+from minilora.errors import MiniloraError
+from minilora.fileio import atomic_directory, atomic_open
+from minilora.tasks import TASKS, make_task, write_corpus, write_jsonl
+
+
+@dataclass
+class Args:
+    """Pretrain a tiny GPT on the stdlib docs, then fine-tune LoRA adapters (or the full model) on generated tasks."""
+    out_dir: str = opt("out/quickstart", "where data, base model, runs, adapters and results.json go")
+    quick: bool = opt(False, "a reduced run (tiny sizes, a handful of steps) for CI; its accuracy means nothing")
+    lora_r: int = opt(8, "LoRA rank; 0 = full fine-tuning of the 'sql' task, for comparison")
+    lora_alpha: float = opt(16.0, "LoRA alpha (updates scaled by alpha/r)")
+    target_modules: list[str] = opt(["q_proj", "v_proj"], "modules LoRA adapts, or all-linear")
+    tasks: list[str] = opt([], f"tasks to fine-tune ({', '.join(TASKS)}); default: sql and dates, or sql alone "
+                               "with --lora_r 0")
+    # ---- pretraining (the cached base) ----
+    model: str = opt("small", "preset of the base model (byte-level presets: tiny, small)")
+    corpus_chars: int = opt(0, "characters of the stdlib corpus to pretrain on (0 = all, ~1 MB)")
+    pretrain_iters: int = opt(600, "pretraining optimizer steps")
+    pretrain_batch_size: int = opt(32, "pretraining rows per step")
+    pretrain_block_size: int = opt(128, "pretraining tokens per row")
+    pretrain_lr: float = opt(2e-3, "pretraining peak learning rate")
+    # ---- fine-tuning ----
+    n_train: int = opt(1000, "training examples per task")
+    n_val: int = opt(200, "held-out examples per task (exact-match accuracy)")
+    finetune_iters: int = opt(250, "fine-tuning optimizer steps per task")
+    batch_size: int = opt(32, "fine-tuning examples per step")
+    learning_rate: float = opt(0.0, "fine-tuning peak learning rate (0 = 1e-2 for LoRA, 1e-3 for full)")
+    n_examples: int = opt(4, "example generations to print per task")
+    seed: int = opt(1337, "seed for data generation, initialisation and batches")
+
+    def __post_init__(self):
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise MiniloraError(f"unknown task(s) {unknown}; known tasks: {', '.join(TASKS)}")
+        if self.lora_r < 0:
+            raise MiniloraError(f"--lora_r must be >= 0 (0 = full fine-tuning), got {self.lora_r}")
+        for name in ("pretrain_iters", "finetune_iters", "batch_size", "pretrain_batch_size", "n_train", "n_val"):
+            if getattr(self, name) < 1:
+                raise MiniloraError(f"--{name} must be at least 1, got {getattr(self, name)}")
+
+
+# --quick: what CI runs. Values here replace the defaults above; options given explicitly still win.
+QUICK = dict(corpus_chars=100_000, pretrain_iters=20, pretrain_batch_size=8, n_train=64, n_val=8,
+             finetune_iters=6, batch_size=8, n_examples=2)
+
+
+def apply_quick(args):
+    defaults = Args()
+    for name, value in QUICK.items():
+        if getattr(args, name) == getattr(defaults, name):
+            setattr(args, name, value)
+    return args
+
+
+def _exit_with_parent(parent_pid):
+    """Stop the worker if the quickstart that started it dies (a kill that never reaches the worker)."""
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def in_fresh_process(fn, *args):
+    """Run fn(*args) in a new interpreter and return its result: the stage's peak RSS is its own."""
+    ctx = multiprocessing.get_context("spawn")  # fork would inherit the parent's memory high-water mark
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_exit_with_parent,
+                                                initargs=(os.getpid(),)) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def dir_bytes(path, names=None):
+    return sum(os.path.getsize(os.path.join(path, n)) for n in (names or os.listdir(path))
+               if os.path.isfile(os.path.join(path, n)))
+
+
+# ---- stage 1: the base model ----------------------------------------------------------------------
+
+def pretrain_config(args, paths):
+    from minilora.trainer import TrainConfig
+    n_eval = 4
+    return TrainConfig(init_from="scratch", model=args.model, lora_r=0, data=paths["corpus"], val_fraction=0.05,
+                       out_dir=paths["base"], max_iters=args.pretrain_iters, batch_size=args.pretrain_batch_size,
+                       block_size=args.pretrain_block_size, learning_rate=args.pretrain_lr,
+                       warmup_iters=min(50, args.pretrain_iters // 10), weight_decay=0.1, beta2=0.95,
+                       eval_interval=max(1, args.pretrain_iters // n_eval), eval_iters=10,
+                       log_interval=max(1, args.pretrain_iters // 20), checkpoint_interval=max(1, args.pretrain_iters // 10),
+                       seed=args.seed, resume=True)
+
+
+def pretrain(cfg):
+    """Train the base from scratch (continuing an interrupted attempt); runs in its own process."""
+    from minilora.trainer import build_model, cleanup, load_data, save_output, setup_runtime, train
+    rt = setup_runtime(cfg)
+    try:
+        model, info = build_model(cfg, rt)
+        print(f"base: {cfg.model} preset, {model.num_parameters():,d} parameters, byte-level tokenizer")
+        dataset = load_data(cfg, info["tokenizer"], model.config.block_size, rt)
+        print(f"corpus: {dataset.num_train_tokens:,d} training tokens, {dataset.num_val_tokens:,d} held out")
+        result = train(model, dataset, cfg, rt)
+        save_output(model, cfg, info, rt, result)
+        return {"val_loss": result.val_loss, "elapsed": result.elapsed, "tokens_per_sec": result.tokens_per_sec}
+    finally:
+        cleanup(rt)
+
+
+def base_key(args, paths):
+    """Everything the base depends on: a cached base is reused only when this matches exactly."""
+    key = {k: v for k, v in dataclasses.asdict(pretrain_config(args, paths)).items() if k != "resume"}
+    return {**key, "corpus_chars": args.corpus_chars}
+
+
+def base_status(paths, key):
+    """'reuse' (finished with these settings), 'resume' (interrupted), 'stale' (other settings) or 'new'."""
+    marker = os.path.join(paths["base"], "quickstart.json")
+    if not os.path.isfile(marker):
+        if os.path.isdir(paths["base"]):
+            raise MiniloraError(f"{paths['base']} exists but was not written by the quickstart; "
+                                "choose another --out_dir")
+        return "new"
+    with open(marker, encoding="utf-8") as f:
+        if json.load(f) != key:
+            return "stale"
+    return "reuse" if os.path.isfile(os.path.join(paths["base"], "minilora.json")) else "resume"
+
+
+def ensure_base(args, paths):
+    """Pretrain unless out_dir/base already holds a finished base trained with these exact settings."""
+    cfg, key = pretrain_config(args, paths), base_key(args, paths)
+    status = base_status(paths, key)
+    if status == "reuse":
+        print(f"reusing the base model in {paths['base']} (delete it to pretrain again)")
+        return None
+    if status == "stale":
+        print(f"{paths['base']} was pretrained with other settings: pretraining again")
+        shutil.rmtree(paths["base"])
+    marker = os.path.join(paths["base"], "quickstart.json")
+    n = write_corpus(paths["corpus"], args.corpus_chars or None)
+    print(f"corpus: {n:,d} characters of Python's documentation -> {paths['corpus']}")
+    with atomic_open(marker, "w") as f:  # first, so an interrupted pretraining resumes next time
+        json.dump(key, f, indent=2)
+    t0 = time.time()
+    out = in_fresh_process(pretrain, cfg)
+    out["wall_s"] = time.time() - t0
+    return out
+
+
+# ---- stage 2: fine-tuning ------------------------------------------------------------------------
+
+def finetune(args, task, paths):
+    """Fine-tune one task on the base; runs in its own process and returns the measured figures."""
+    import torch
+
+    from minilora.lora import print_trainable_parameters
+    from minilora.tasks import exact_match_accuracy, greedy_completions
+    from minilora.tokenizer import get_tokenizer
+    from minilora.trainer import TrainConfig, build_model, cleanup, load_data, save_output, setup_runtime, train
+
+    t_start = time.time()
+    full = args.lora_r == 0
+    name = f"{task}-full" if full else task
+    run_dir = os.path.join(paths["runs"], name)
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time: this is a demo, not a resumable job
+    lr = args.learning_rate or (1e-3 if full else 1e-2)
+    cfg = TrainConfig(init_from=paths["base"], lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                      target_modules=list(args.target_modules), data=paths[task + "_train"],
+                      val_data=paths[task + "_val"], out_dir=run_dir, max_iters=args.finetune_iters,
+                      batch_size=args.batch_size, learning_rate=lr, warmup_iters=min(20, args.finetune_iters // 10),
+                      eval_interval=0, eval_iters=4, log_interval=max(1, args.finetune_iters // 10),
+                      checkpoint_interval=args.finetune_iters, seed=args.seed)
+    rt = setup_runtime(cfg)
+    try:
+        model, info = build_model(cfg, rt)
+        trainable, total = print_trainable_parameters(model)
+        tok = get_tokenizer(info["tokenizer"])
+        dataset = load_data(cfg, tok, model.config.block_size, rt)
+        val = [{"prompt": p, "completion": c} for p, c in dataset.val_examples]
+        # Long enough for the longest reference plus its end-of-text; anything longer is wrong anyway.
+        max_new = max(len(tok.encode(ex["completion"])) for ex in val) + 1
+        base_acc = exact_match_accuracy(model, tok, val, max_new)  # LoRA's B starts at zero: this is the base
+        print(f"held-out exact match before fine-tuning (the base): {base_acc:.1%}")
+
+        result = train(model, dataset, cfg, rt)  # accuracy is scored after, so tokens/s is training alone
+        acc = exact_match_accuracy(model, tok, val, max_new)
+        save_output(model, cfg, info, rt, result)
+
+        shown = val[:args.n_examples]
+        preds = greedy_completions(model, tok, [ex["prompt"] for ex in shown], max_new)
+        examples = [{"prompt": ex["prompt"], "completion": ex["completion"], "generated": p}
+                    for ex, p in zip(shown, preds)]
+        frozen = total - trainable
+        return {"task": task, "method": "full" if full else f"lora r={args.lora_r} {'/'.join(args.target_modules)}",
+                "trainable_params": trainable, "total_params": total,
+                "train_state_bytes": 16 * trainable + 4 * frozen,
+                "base_accuracy": base_acc, "accuracy": acc, "val_loss": result.val_loss,
+                "steps": result.iter_num, "train_s": result.elapsed, "tokens_per_sec": result.tokens_per_sec,
+                "peak_rss_mb": result.peak_memory_mb, "wall_s": time.time() - t_start,
+                "n_train": dataset.num_train_examples, "n_val": len(val), "run_dir": run_dir, "examples": examples,
+                "torch_threads": torch.get_num_threads()}
+    finally:
+        cleanup(rt)
+
+
+def publish_adapter(run_dir, adapter_dir):
+    """Copy the adapter files (not the checkpoint and logs) to out_dir/adapters/NAME, atomically."""
+    with atomic_directory(adapter_dir) as tmp:
+        for name in ("adapter_config.json", "adapter_model.safetensors", "minilora.json"):
+            shutil.copy(os.path.join(run_dir, name), tmp)
+
+
+# ---- the report ----------------------------------------------------------------------------------
+
+def fmt_bytes(n):
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def report(r, paths):
+    """What one fine-tuning run showed, in a few lines."""
+    lines = [f"--- {r['task']}: {r['method']} ---",
+             f"held-out exact match ({r['n_val']} examples): base {r['base_accuracy']:.1%} -> "
+             f"fine-tuned {r['accuracy']:.1%}",
+             f"trainable params {r['trainable_params']:,d} of {r['total_params']:,d} "
+             f"({100 * r['trainable_params'] / r['total_params']:.2f}%)",
+             f"{r['steps']} steps in {r['train_s']:.0f} s, {r['tokens_per_sec']:,.0f} tokens/s, "
+             f"peak RSS {r['peak_rss_mb']:,.0f} MiB (whole process), "
+             f"training state {fmt_bytes(r['train_state_bytes'])} (computed)"]
+    base_bytes = dir_bytes(paths["base"], ["config.json", "model.safetensors"])
+    if "adapter_dir" in r:
+        size = dir_bytes(r["adapter_dir"], ["adapter_config.json", "adapter_model.safetensors"])
+        lines.append(f"adapter on disk: {fmt_bytes(size)} in {r['adapter_dir']} vs base {fmt_bytes(base_bytes)} "
+                     f"({100 * size / base_bytes:.1f}%)")
+    else:
+        size = dir_bytes(r["run_dir"], ["config.json", "model.safetensors"])
+        lines.append(f"full model on disk: {fmt_bytes(size)} in {r['run_dir']} (a whole copy per task)")
+    lines.append("examples (held out, greedy):")
+    for ex in r["examples"]:
+        mark = "ok  " if ex["generated"].strip() == ex["completion"].strip() else "MISS"
+        lines.append(f"  {mark} {ex['prompt'].strip()!r} -> {ex['generated']!r}")
+    return "\n".join(lines)
+
+
+def comparison_table(out):
+    """A Markdown table of the 'sql' runs in out/results_{lora,full}.json, once both exist."""
+    rows = []
+    for kind in ("lora", "full"):
+        path = os.path.join(out, f"results_{kind}.json")
+        if not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            run = json.load(f)
+        r = next((r for r in run["finetune"] if r["task"] == "sql"), None)
+        if r is None:
+            return None
+        rows.append(f"| {r['method']} | {r['trainable_params']:,d} ({100 * r['trainable_params'] / r['total_params']:.2f}%) "
+                    f"| {r['peak_rss_mb']:,.0f} MiB / {fmt_bytes(r['train_state_bytes'])} "
+                    f"| {r['tokens_per_sec']:,.0f} | {r['train_s']:.0f} s | {r['base_accuracy']:.1%} -> {r['accuracy']:.1%} |")
+    head = ("| method | trainable params | peak RSS (measured) / training state (computed) | tokens/s "
+            "| training time | held-out exact match (base -> tuned) |\n|---|---|---|---|---|---|")
+    return "\n".join([head] + rows)
+
+
+def main(argv=None):
+    args = parse_args(Args, argv)
+    if args.quick:
+        args = apply_quick(args)
+    tasks = args.tasks or (["sql"] if args.lora_r == 0 else ["sql", "dates"])
+    out = os.path.abspath(args.out_dir)
+    paths = {"base": os.path.join(out, "base"), "runs": os.path.join(out, "runs"),
+             "corpus": os.path.join(out, "data", "stdlib.txt")}
+    t0 = time.time()
+
+    print("== 1. base model: a byte-level GPT pretrained on Python's documentation ==")
+    pre = ensure_base(args, paths)
+
+    results = []
+    for i, task in enumerate(tasks, 2):
+        train_ex, val_ex = make_task(task, args.n_train, args.n_val, seed=args.seed)
+        for split, examples in (("train", train_ex), ("val", val_ex)):
+            paths[f"{task}_{split}"] = write_jsonl(examples, os.path.join(out, "data", f"{task}_{split}.jsonl"))
+        method = "full fine-tuning" if args.lora_r == 0 else f"LoRA r={args.lora_r} on {', '.join(args.target_modules)}"
+        print(f"\n== {i}. task {task!r}: {method}, {len(train_ex)} training / {len(val_ex)} held-out examples ==")
+        print(f"example: {train_ex[0]['prompt']!r} -> {train_ex[0]['completion']!r}")
+        r = in_fresh_process(finetune, args, task, paths)
+        if args.lora_r:
+            r["adapter_dir"] = os.path.join(out, "adapters", task)
+            publish_adapter(r["run_dir"], r["adapter_dir"])
+        results.append(r)
+
+    print("\n== results ==")
+    for r in results:
+        print(report(r, paths))
+    total = time.time() - t0
+    # one file per method, so a --lora_r 0 run does not overwrite the LoRA figures it is compared with
+    results_path = os.path.join(out, f"results_{'full' if args.lora_r == 0 else 'lora'}.json")
+    with atomic_open(results_path, "w") as f:
+        json.dump({"args": dataclasses.asdict(args), "pretrain": pre, "finetune": results, "wall_s": total}, f, indent=2)
+        f.write("\n")
+    table = comparison_table(out)
+    if table:
+        print("\nLoRA vs full fine-tuning on 'sql' (from this out_dir's results_*.json):\n" + table)
+    print(f"\nquickstart done in {total / 60:.1f} min; figures in {results_path}")
+    return results
+
+
+if __name__ == "__main__":
+    main_guard(main)

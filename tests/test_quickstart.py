@@ -1,0 +1,95 @@
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from minilora.errors import MiniloraError
+from minilora.quickstart import QUICK, Args, apply_quick, base_key, base_status, comparison_table, main
+from minilora.safetensors import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Smaller still than --quick: the test checks the plumbing, not the learning.
+TINY = ["--quick", "--corpus_chars", "20000", "--pretrain_iters", "4", "--pretrain_batch_size", "4",
+        "--finetune_iters", "2", "--batch_size", "4", "--n_train", "16", "--n_val", "4"]
+
+
+def run_quickstart(out_dir, *extra):
+    return subprocess.run([sys.executable, "-m", "minilora.quickstart", "--out_dir", str(out_dir), *TINY, *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quickstart")
+    proc = run_quickstart(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_quick_run_writes_adapters_base_and_results(lora_run):
+    out, stdout = lora_run
+    for task in ("sql", "dates"):
+        adapter = out / "adapters" / task
+        assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors", "minilora.json"]
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        assert config["r"] == 8 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+        tensors = load_file(str(adapter / "adapter_model.safetensors"))
+        assert tensors and all(".lora_A." in k or ".lora_B." in k for k in tensors)
+        run = json.loads((adapter / "minilora.json").read_text())
+        assert run["kind"] == "lora" and run["base_model"] == str(out / "base")
+        rows = [json.loads(line) for line in open(out / "data" / f"{task}_train.jsonl")]
+        assert len(rows) == 16 and set(rows[0]) == {"prompt", "completion"}
+    assert os.path.isfile(out / "base" / "model.safetensors")
+    results = json.loads((out / "results_lora.json").read_text())
+    assert [r["task"] for r in results["finetune"]] == ["sql", "dates"]
+    for r in results["finetune"]:
+        assert 0.0 <= r["base_accuracy"] <= 1.0 and 0.0 <= r["accuracy"] <= 1.0
+        assert r["trainable_params"] == 2 * 4 * 8 * (128 + 128)  # 4 layers x {q, v} x r (in + out)
+        assert r["train_state_bytes"] == 16 * r["trainable_params"] + 4 * (r["total_params"] - r["trainable_params"])
+    # what the quickstart promises to print
+    for line in ["trainable params: 16,384 || all params:", "held-out exact match before fine-tuning",
+                 "step 2/2 | loss", "held-out exact match (4 examples): base", "adapter on disk:",
+                 "examples (held out, greedy):", "quickstart done in"]:
+        assert line in stdout, line
+
+
+def test_second_run_reuses_the_base_and_full_finetuning_compares(lora_run):
+    out, _ = lora_run
+    before = os.path.getmtime(out / "base" / "model.safetensors")
+    proc = run_quickstart(out, "--lora_r", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "reusing the base model" in proc.stdout
+    assert os.path.getmtime(out / "base" / "model.safetensors") == before
+    full = json.loads((out / "results_full.json").read_text())["finetune"]
+    assert [r["task"] for r in full] == ["sql"] and full[0]["trainable_params"] == full[0]["total_params"]
+    assert os.path.isfile(out / "runs" / "sql-full" / "model.safetensors")
+    assert "full model on disk" in proc.stdout and "| full |" in proc.stdout  # the comparison table
+    table = comparison_table(str(out))
+    assert table.count("\n") == 3 and "lora r=8 q_proj/v_proj" in table
+
+
+def test_base_is_reused_only_with_the_same_settings(lora_run):
+    out, _ = lora_run
+    args = apply_quick(Args(out_dir=str(out), corpus_chars=20000, pretrain_iters=4, pretrain_batch_size=4))
+    paths = {"base": str(out / "base"), "corpus": str(out / "data" / "stdlib.txt")}
+    assert base_status(paths, base_key(args, paths)) == "reuse"
+    assert base_status(paths, base_key(dataclasses.replace(args, pretrain_iters=5), paths)) == "stale"
+    assert base_status(paths, base_key(dataclasses.replace(args, corpus_chars=30000), paths)) == "stale"
+    assert base_status({"base": str(out / "nothing")}, {}) == "new"
+
+
+def test_quick_fills_only_the_options_left_at_their_defaults():
+    args = apply_quick(Args(n_train=100))
+    assert args.n_train == 100 and args.pretrain_iters == QUICK["pretrain_iters"]
+
+
+def test_bad_options_fail_with_one_line(tmp_path, capsys):
+    proc = subprocess.run([sys.executable, "-m", "minilora.quickstart", "--tasks", "poetry", "--out_dir", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "unknown task" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "base").mkdir()
+    with pytest.raises(MiniloraError, match="not written by the quickstart"):
+        main(["--out_dir", str(tmp_path), *TINY])

@@ -144,6 +144,13 @@ def load_adapter(model, adapter_dir, adapter_name=None, is_trainable=False, allo
         raw = _hf_config(raw, plan, model.config.n_layer, where)
     else:
         plan = {_canon(k): (k, None) for k in shapes}
+        if isinstance(raw.get("target_modules"), str) and raw["target_modules"] != "all-linear":
+            # A regex from a file is never run: a nested quantifier can backtrack for hours on one module
+            # name (ReDoS). The file's keys name exactly the modules it adapted; target those paths.
+            paths = _lora_paths(plan)
+            if not paths:
+                raise MiniloraError(f"{wpath} holds no lora_A/lora_B weights")
+            raw = {**raw, "target_modules": paths, "layers_to_transform": None}
     try:
         config = LoraConfig.from_peft_dict(raw)
     except MiniloraError as e:
@@ -183,7 +190,7 @@ def _read_config(adapter_dir):
             raw = json.load(f)
     except FileNotFoundError:
         raise MiniloraError(f"{path} is missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}") from None
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting past the parser's limit
         raise MiniloraError(f"{path} is not valid JSON ({e}); re-save the adapter") from None
     if not isinstance(raw, dict) or raw.get("peft_type") != "LORA":
         found = raw.get("peft_type") if isinstance(raw, dict) else type(raw).__name__

@@ -32,7 +32,7 @@ def read_run_info(path):
     try:
         with open(fp, encoding="utf-8") as f:
             info = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise MiniloraError(f"{fp}: unreadable ({e}); restore it or train again") from None
     if (not isinstance(info, dict) or info.get("kind") not in ("lora", "full")
             or not isinstance(info.get("base_model"), str)):
@@ -62,7 +62,7 @@ def adapter_base(adapter, flag="--init_from"):
     try:
         with open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8") as f:
             base = json.load(f).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError) as e:
+    except (OSError, ValueError, AttributeError, RecursionError) as e:
         raise MiniloraError(f"cannot read the base model from {adapter}/adapter_config.json ({e}); "
                             f"pass {flag}") from None
     if not base:

@@ -267,6 +267,8 @@ def read_jsonl(path):
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); "
                             "each line must hold one JSON object") from None
+        except (ValueError, RecursionError) as e:  # a number of 4300+ digits, or nesting deeper than the parser goes
+            raise DataError(f"{path}:{lineno}: invalid JSON ({e}); each line must hold one JSON object") from None
         if not isinstance(record, dict):
             hint = " (a JSON array file? write one object per line)" if isinstance(record, list) else ""
             raise DataError(f"{path}:{lineno}: expected a JSON object, got "

@@ -118,7 +118,7 @@ def read_config(path, dropout=None):
             d = json.load(f)
     except FileNotFoundError:
         raise MiniloraError(f"{path} not found; an HF-format directory needs config.json") from None
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise MiniloraError(f"{path} is not valid JSON ({e})") from None
     return config_from_hf(d, path, dropout)
 
@@ -145,6 +145,9 @@ def hf_shapes(config):
 
 def _check(tensors, config, where):
     """File tensors -> {unprefixed name: tensor}, or one error naming every missing/unexpected/mis-shaped one."""
+    if config.n_layer > len(tensors):  # every block has tensors; a config.json saying 10**9 must not list them all
+        raise MiniloraError(f"{where} holds {len(tensors)} tensors, too few for its config's n_layer={config.n_layer}; "
+                            "config.json does not belong to these weights")
     expected = hf_shapes(config)
     prefix = "transformer." if any(k.startswith("transformer.") for k in tensors) else ""
     found, seen, unexpected, misshaped, head = {}, {}, [], [], None

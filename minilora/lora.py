@@ -56,10 +56,11 @@ class LoraConfig:
         def bad(name, want):
             raise MiniloraError(f"LoraConfig.{name} must be {want}, got {getattr(self, name)!r}")
 
-        if not _is_int(self.r) or self.r <= 0:
-            bad("r", "a positive int (the rank)")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or not self.lora_alpha > 0:
-            bad("lora_alpha", "a positive number")
+        if not _is_int(self.r) or not 0 < self.r < 2**31:  # a rank no tensor can have is a corrupt config
+            bad("r", "a positive int below 2**31 (the rank)")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) \
+                or not 0 < self.lora_alpha < math.inf:
+            bad("lora_alpha", "a positive, finite number")
         tm = self.target_modules
         if isinstance(tm, (list, tuple)) and list(tm) == ["all-linear"]:
             tm = self.target_modules = "all-linear"  # as a CLI list option delivers it
@@ -68,7 +69,7 @@ class LoraConfig:
         elif isinstance(tm, str) and tm:
             try:
                 re.compile(tm)
-            except re.error as e:
+            except (re.error, RecursionError, OverflowError) as e:  # e.g. 5000 nested groups, a{99999999999}
                 raise MiniloraError(f"LoraConfig.target_modules {tm!r} is not a valid regex ({e}); pass a list of names instead")
         else:
             bad("target_modules", "a non-empty list of module names, a regex string or 'all-linear'")

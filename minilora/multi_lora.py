@@ -70,7 +70,7 @@ def read_adapter(adapter_dir, name, shapes, max_lora_rank=None):
             config = LoraConfig.from_peft_dict(json.load(f))
     except FileNotFoundError:
         raise MiniloraError(f"{cfg_path} is missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}") from None
-    except (ValueError, TypeError) as e:  # bad JSON, or a config LoraConfig refuses
+    except (ValueError, TypeError, RecursionError) as e:  # bad or too deeply nested JSON, or a config LoraConfig refuses
         raise MiniloraError(f"{cfg_path}: {e}") from None
     if max_lora_rank is not None and config.r > max_lora_rank:
         raise MiniloraError(f"adapter {name!r} has rank {config.r}, above the server's max_lora_rank {max_lora_rank}; "
@@ -101,6 +101,8 @@ def read_adapter(adapter_dir, name, shapes, max_lora_rank=None):
         elif tuple(A.shape) != (config.r, i) or tuple(B.shape) != (o, config.r):
             problems.append(f"{path} has A {tuple(A.shape)} and B {tuple(B.shape)}, expected ({config.r}, {i}) "
                             f"and ({o}, {config.r})")
+        elif not (torch.isfinite(A).all() and torch.isfinite(B).all()):  # NaN logits would fail every row's sampling
+            problems.append(f"{path} has NaN or inf weights")
         else:
             layers[path] = (A.float().clone(), B.float().clone())  # clone: no view keeps the file's mmap alive
     if problems or not layers:

@@ -19,6 +19,7 @@ import os
 import queue
 import select
 import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -185,6 +186,11 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "minilora"
     timeout = 60  # a client that stalls mid-request frees its thread
 
+    def send_error(self, code, message=None, explain=None):
+        # http.server answers an unknown method with 501 and an unknown HTTP version with 505; both are
+        # the client's mistake, and a 5xx would read as a server failure to every monitor
+        super().send_error({501: 405, 505: 400}.get(code, code), message, explain)
+
     def log_message(self, fmt, *args):  # quiet by default; the server prints one line per start
         if self.server.verbose:
             super().log_message(fmt, *args)
@@ -233,7 +239,7 @@ class Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(int(size))
         try:
             return json.loads(raw)
-        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting past the parser's limit
             raise ApiError(400, f"the body is not valid JSON: {e}", "invalid_json") from None
 
     def _send(self, status, out):
@@ -319,6 +325,11 @@ class Server(ThreadingHTTPServer):
     def __init__(self, app, host="127.0.0.1", port=8000, verbose=False):
         self.app, self.verbose = app, verbose
         super().__init__((host, port), Handler)
+
+    def handle_error(self, request, client_address):
+        # a client that hung up before reading its answer is no server error: no traceback per client on stderr
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError, TimeoutError)):
+            super().handle_error(request, client_address)
 
     @property
     def url(self):

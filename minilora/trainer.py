@@ -332,9 +332,8 @@ def forward_backward(model, batches, rt, scaler=None):
         sync = not rt.ddp or i == len(batches) - 1
         with nullcontext() if sync else model.no_sync():
             with autocast_context(rt.device_type, rt.dtype):
-                logits, _ = model(x, all_logits=True)  # (B, T, V)
-            token_losses = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum")
-            loss = token_losses / n_tokens
+                _, mean_loss = model(x, y, loss_only=True)  # never materialises the (B, T, V) logits
+            loss = mean_loss * (y != -100).sum() / n_tokens  # this micro-batch's token-loss sum, over the step's
             (scaler.scale(loss * rt.world_size) if scaler else loss * rt.world_size).backward()
         step_loss += loss.detach()
     if rt.ddp:

@@ -140,3 +140,27 @@ def test_kv_cache_errors():
         model(torch.zeros(1, 1, dtype=torch.long), cache_pos=0)
     with pytest.raises(MiniloraError, match="block_size"):
         model.setup_kv_cache(1, 65)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_loss_only_matches_full_logits_loss_and_gradients(lora):
+    """The chunked head + cross-entropy (never holding (B, T, V) logits) is the same loss and gradients."""
+    from minilora.lora import LoraConfig, apply_lora
+    model = tiny()
+    if lora:
+        apply_lora(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    idx = torch.randint(0, 257, (3, 40))
+    targets = torch.randint(0, 257, (3, 40))
+    targets[0, :7] = -100
+    grads = []
+    for loss_only in (False, True):
+        model.zero_grad(set_to_none=True)
+        logits, loss = model(idx, targets, loss_only=loss_only)
+        assert (logits is None) == loss_only
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (ref_loss, ref), (got_loss, got) = grads
+    torch.testing.assert_close(got_loss, ref_loss, rtol=0, atol=1e-6)
+    assert ref.keys() == got.keys() and ("transformer.wte.weight" in ref) == (not lora)  # the tied head
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -215,10 +215,10 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path, text_file):
     dataset = load_data(cfg, info["tokenizer"], model.config.block_size, rt)
     calls = []
 
-    def poison(module, args, output):  # the 5th forward (step 5) yields NaN logits
+    def poison(module, args, output):  # the 5th forward (step 5) yields NaN hidden states, so a NaN loss
         calls.append(1)
         return output * float("nan") if len(calls) == 5 else output
-    model.lm_head.register_forward_hook(poison)
+    model.transformer.ln_f.register_forward_hook(poison)
     with pytest.raises(MiniloraError, match=r"non-finite loss \(nan\) at step 5.*last good checkpoint"):
         train(model, dataset, cfg, rt, stream=io.StringIO())
     state = torch.load(os.path.join(cfg.out_dir, "checkpoint", "state.pt"), weights_only=True)

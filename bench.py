@@ -1,0 +1,382 @@
+"""bench.py: LoRA's speed and memory claims, measured side by side on this machine, as ratios.
+
+    python bench.py                  # gpt2 shape (random weights): a few minutes
+    python bench.py --quick          # small shapes: about a minute on 2 cores
+    python bench.py --json out.json  # also write every figure as JSON (--json alone: JSON on stdout)
+
+Each measurement runs in a fresh subprocess (`python bench.py --_worker NAME --_params JSON`), so
+the peak RSS it reports is that configuration's own. Timings exclude a warm-up and are the median
+of several repeats. The machine's own ceilings (dense matmul GFLOP/s in fp32 and bf16, memory read
+bandwidth) are measured in the same run, and every efficiency figure is relative to them.
+
+FLOP counting (as in the PaLM paper and nanoGPT): N = matmul weights including the head
+(12*L*C^2 + V*C); a training token costs 6*N for full fine-tuning (forward, input gradients,
+weight gradients) and 4*N for LoRA (the frozen weights get no weight gradients; the rank-r A/B
+products, ~0.2% of that, are not counted), plus 12*L*T*C for attention's two matmuls (the causal
+mask is not discounted). MFU = achieved FLOP/s / measured matmul peak of the same dtype.
+"""
+
+import argparse
+import copy
+import importlib.util
+import inspect
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from minilora.cli import main_guard
+from minilora.config import GPTConfig
+from minilora.errors import MiniloraError
+from minilora.lora import LoraConfig, apply_lora, merge
+from minilora.model import GPT
+
+GPT2_SMALL = ("gpt2", {})
+# The shapes each mode runs. quick keeps GPT-2's 50,257-token head (the part that dominates
+# small models) on 4 narrow layers; smoke exists only so the test runs in seconds.
+MODES = {
+    "default": dict(train=(GPT2_SMALL, 8, 256), memory=(("gpt2-medium", {}), 1, 256), repeats=3,
+                    gen=(GPT2_SMALL, 32, 512), prefill=(GPT2_SMALL, 8, 256), matmul_n=2048, bandwidth_mb=512,
+                    serving=dict(batch=dict(preset="gpt2"), server=dict(preset="gpt2"))),
+    "quick": dict(train=(("gpt2", dict(n_layer=4, n_head=4, n_embd=256)), 4, 128),
+                  memory=(("gpt2", dict(n_layer=8, n_head=4, n_embd=256)), 1, 128), repeats=3,
+                  gen=(("gpt2", dict(n_layer=4, n_head=4, n_embd=256)), 32, 64),
+                  prefill=(("gpt2", dict(n_layer=4, n_head=4, n_embd=256)), 4, 128), matmul_n=1024, bandwidth_mb=128,
+                  serving=dict(batch=dict(preset="small", new_tokens=8), server=dict(preset="small", max_tokens=8))),
+    "smoke": dict(train=(("tiny", dict(vocab_size=1024, block_size=128)), 2, 32),
+                  memory=(("tiny", dict(vocab_size=1024, block_size=128)), 1, 32), repeats=1,
+                  gen=(("tiny", dict(vocab_size=1024, block_size=128)), 8, 8),
+                  prefill=(("tiny", dict(vocab_size=1024, block_size=128)), 2, 32), matmul_n=512, bandwidth_mb=8,
+                  serving=dict(batch=dict(preset="tiny", n_requests=4, n_adapters=2, new_tokens=4, repeats=1),
+                               server=dict(preset="tiny", clients=4, max_tokens=4, n_adapters=2))),
+}
+LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])  # the paper's W_q, W_v at r=8
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def describe(shape):
+    name, overrides = shape
+    return name + (" (" + ", ".join(f"{k}={v}" for k, v in overrides.items()) + ")" if overrides else " shape")
+
+
+def matmul_params(cfg):
+    """N: weights that take part in a matmul per token (blocks' linears + the tied head)."""
+    return cfg.n_layer * 12 * cfg.n_embd ** 2 + cfg.vocab_size * cfg.n_embd
+
+
+def train_flops_per_token(cfg, seq, lora):
+    attention = 12 * cfg.n_layer * seq * cfg.n_embd  # QK^T and AV: 2 matmuls x 2*T*C, x3 for fwd+bwd
+    return (4 if lora else 6) * matmul_params(cfg) + attention
+
+
+# ---- workers: each runs in its own process and returns a dict of figures ------------------------
+
+def timed(fn, repeats, warmup=1):
+    """Median seconds of fn() over `repeats` runs after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def build(shape, lora=False, **lora_overrides):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name(shape[0], **shape[1]))
+    if lora:
+        apply_lora(model, LoraConfig(**{**LORA, **lora_overrides}))
+    return model
+
+
+def matmul_gflops(n, dtype):
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n ** 3 / timed(lambda: torch.matmul(a, b), 5) / 1e9
+
+
+def worker_ceilings(p):
+    out = {f"matmul_{name}_gflops": matmul_gflops(p["matmul_n"], dtype) for name, dtype in DTYPES.items()}
+    x = torch.rand(p["bandwidth_mb"] * 2 ** 20 // 4)  # fp32, far larger than the caches
+    out["bandwidth_gbs"] = x.numel() * 4 / timed(lambda: x.sum(), 10) / 1e9
+    return out
+
+
+def worker_train(p):
+    """One AdamW training step (forward, backward, step, zero_grad), LoRA or full, fp32 or bf16 autocast."""
+    model = build(p["shape"], p["lora"])
+    V, B, T = model.config.vocab_size, p["batch"], p["seq"]
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(V, (B, T), generator=g), torch.randint(V, (B, T), generator=g)
+    trainable = [q for q in model.parameters() if q.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    # The model's logits-free loss path when it has one (see GPT.forward's loss_only)
+    loss_kwargs = {"loss_only": True} if "loss_only" in inspect.signature(model.forward).parameters else {}
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=p["dtype"] == "bf16"):
+            _, loss = model(x, y, **loss_kwargs)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    # The peak again, right before the steps: on a shared machine the load drifts during a run,
+    # and MFU is only meaningful against a ceiling measured under the same load.
+    peak = matmul_gflops(p["matmul_n"], DTYPES[p["dtype"]])
+    seconds = timed(step, p["repeats"])
+    return dict(tokens_per_s=B * T / seconds, step_s=seconds, matmul_peak_gflops=peak, peak_rss_mb=peak_rss_mb(),
+                trainable_params=sum(q.numel() for q in trainable), loss_only=bool(loss_kwargs))
+
+
+def worker_generation(p):
+    """Batch-1 greedy generation: KV-cached vs re-forward, fp32 and bf16 weights."""
+    from minilora.generation import generate
+    model = build(p["shape"]).eval()
+    prompt = torch.randint(model.config.vocab_size, (1, p["prompt"]), generator=torch.Generator().manual_seed(0))
+    n, out = p["new"], {}
+
+    def run(m, tokens, cache):
+        t0 = time.perf_counter()
+        result = generate(m, prompt, tokens, temperature=0, use_cache=cache)
+        return time.perf_counter() - t0, result
+
+    models = {"fp32": model, "bf16": copy.deepcopy(model).to(torch.bfloat16)}
+    for name, m in models.items():
+        run(m, 8, True)  # warm-up
+        runs = sorted((run(m, n, True) for _ in range(p["repeats"])), key=lambda r: r[0])
+        seconds, result = runs[len(runs) // 2]
+        out[f"cached_{name}_tokens_per_s"] = n / seconds
+        out[f"decode_{name}_tokens_per_s"] = result.stats.decode_tokens_per_s
+        # bytes read per decoded token: every weight once (wpe contributes one row, so it is left out)
+        params = sum(q.numel() for q in m.parameters()) - m.transformer.wpe.weight.numel()
+        out[f"weight_bytes_{name}"] = params * m.lm_head.weight.element_size()
+        if name == "fp32":
+            cached_tokens = result.tokens
+    run(model, 2, False)  # warm-up; the uncached run is long, so it is timed once
+    seconds, result = run(model, n, False)
+    out["uncached_fp32_tokens_per_s"] = n / seconds
+    out["same_greedy_tokens"] = result.tokens == cached_tokens
+    return out
+
+
+def worker_prefill(p):
+    """Forward over a batch of prompts (inference mode) with the LoRA unmerged, then merged."""
+    model = build(p["shape"], lora=True, init_lora_weights=False).eval()  # a non-zero adapter
+    idx = torch.randint(model.config.vocab_size, (p["batch"], p["seq"]), generator=torch.Generator().manual_seed(0))
+    out = {}
+    with torch.inference_mode():
+        out["unmerged_s"] = timed(lambda: model(idx), p["repeats"])
+        merge(model)
+        out["merged_s"] = timed(lambda: model(idx), p["repeats"])
+    return out
+
+
+def worker_serving(p):
+    """minilora.serving_bench's two measurements: the mixed-adapter batch and the HTTP server."""
+    from minilora.serving_bench import bench_mixed_batch, bench_server
+    return dict(batch=bench_mixed_batch(**p["batch"]), server=bench_server(**p["server"]))
+
+
+WORKERS = {"ceilings": worker_ceilings, "train": worker_train, "generation": worker_generation,
+           "prefill": worker_prefill, "serving": worker_serving}
+
+
+# ---- the parent: run the workers, then print and save ---------------------------------------------
+
+def run_worker(kind, params, label):
+    print(f"bench: {label} ...", file=sys.stderr, flush=True)
+    cmd = [sys.executable, os.path.abspath(__file__), "--_worker", kind, "--_params", json.dumps(params)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise MiniloraError(f"benchmark worker {label!r} failed (exit {proc.returncode}): {last}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure(mode):
+    m = MODES[mode]
+    res = {"ceilings": run_worker("ceilings", dict(matmul_n=m["matmul_n"], bandwidth_mb=m["bandwidth_mb"]),
+                                  "machine ceilings")}
+    shape, B, T = m["train"]
+    for dtype in DTYPES:
+        for kind in ("lora", "full"):
+            res[f"train_{kind}_{dtype}"] = run_worker(
+                "train", dict(shape=shape, batch=B, seq=T, lora=kind == "lora", dtype=dtype, repeats=m["repeats"],
+                              matmul_n=m["matmul_n"]),
+                f"train {kind} {dtype}")
+    shape, B, T = m["memory"]
+    for kind in ("lora", "full"):
+        res[f"memory_{kind}"] = run_worker(
+            "train", dict(shape=shape, batch=B, seq=T, lora=kind == "lora", dtype="fp32", repeats=1,
+                           matmul_n=m["matmul_n"]),
+            f"peak memory {kind}")
+    if importlib.util.find_spec("minilora.generation"):
+        shape, prompt, new = m["gen"]
+        res["generation"] = run_worker("generation", dict(shape=shape, prompt=prompt, new=new, repeats=m["repeats"]),
+                                       "generation")
+        shape, B, T = m["prefill"]
+        res["prefill"] = run_worker("prefill", dict(shape=shape, batch=B, seq=T, repeats=m["repeats"]), "prefill")
+    if importlib.util.find_spec("minilora.serving_bench"):
+        res["serving"] = run_worker("serving", m["serving"], "multi-adapter serving")
+    return res
+
+
+def report(mode, res):
+    """-> (rows, ratios): each figure with its section, label and context; each ratio with its target."""
+    m, c = MODES[mode], res["ceilings"]
+    rows, ratios = [], []
+
+    def row(section, name, label, value, unit, detail="", **extra):
+        rows.append(dict(section=section, name=name, label=label, value=value, unit=unit, detail=detail, **extra))
+
+    def ratio(name, value, op, target):
+        ratios.append(dict(name=name, value=value, target=f"{op} {target}",
+                           met=value >= target if op == ">=" else value <= target))
+
+    shape, B, T = m["train"]
+    cfg = GPTConfig.from_name(shape[0], **shape[1])
+    section = f"training step, {describe(shape)}, batch {B}x{T}, AdamW"
+    for dtype in DTYPES:
+        for kind in ("lora", "full"):
+            r = res[f"train_{kind}_{dtype}"]
+            flops = train_flops_per_token(cfg, T, kind == "lora")
+            mfu = r["tokens_per_s"] * flops / (r["matmul_peak_gflops"] * 1e9)  # the peak from the same process
+            row(section, f"train_{kind}_{dtype}", f"{'LoRA r=8 q,v' if kind == 'lora' else 'full fine-tuning'} "
+                f"{'fp32' if dtype == 'fp32' else 'bf16 autocast'}", r["tokens_per_s"], "tok/s",
+                f"MFU {mfu:4.0%} of {r['matmul_peak_gflops']:.0f} GFLOP/s, peak RSS {r['peak_rss_mb']:6.0f} MB", mfu=mfu,
+                peak_rss_mb=r["peak_rss_mb"], flops_per_token=flops)
+        ratio(f"train tok/s LoRA / full, {dtype}", res[f"train_lora_{dtype}"]["tokens_per_s"]
+              / res[f"train_full_{dtype}"]["tokens_per_s"], ">=", 1.7)
+    mfu = {r["name"]: r["mfu"] for r in rows}
+    ratio("train MFU LoRA fp32 (of the fp32 matmul peak)", mfu["train_lora_fp32"], ">=", 0.70)
+    ratio("train MFU LoRA bf16 (of the bf16 matmul peak)", mfu["train_lora_bf16"], ">=", 0.55)
+    ratio("train tok/s LoRA bf16 / fp32", res["train_lora_bf16"]["tokens_per_s"]
+          / res["train_lora_fp32"]["tokens_per_s"], ">=", 1.8)
+    shape, B, T = m["memory"]
+    section = f"peak memory of a training step, {describe(shape)}, batch {B}x{T}, fp32, AdamW"
+    for kind in ("lora", "full"):
+        row(section, f"memory_{kind}", "LoRA r=8 q,v" if kind == "lora" else "full fine-tuning",
+            res[f"memory_{kind}"]["peak_rss_mb"], "MB", "peak RSS of the whole process")
+    ratio("peak RSS LoRA / full", res["memory_lora"]["peak_rss_mb"] / res["memory_full"]["peak_rss_mb"], "<=", 0.45)
+    if "generation" in res:
+        g, (shape, prompt, new) = res["generation"], m["gen"]
+        section = f"generation, {describe(shape)}, {prompt}-token prompt + {new} new tokens, batch 1, greedy"
+        for name, label in (("cached_fp32", "KV cache, fp32"), ("uncached_fp32", "no cache (re-forward), fp32"),
+                            ("cached_bf16", "KV cache, bf16 weights")):
+            row(section, f"generate_{name}", label, g[f"{name}_tokens_per_s"], "tok/s", "prefill included")
+        util = {}
+        for dtype in DTYPES:
+            util[dtype] = g[f"decode_{dtype}_tokens_per_s"] * g[f"weight_bytes_{dtype}"] / (c["bandwidth_gbs"] * 1e9)
+            row(section, f"decode_{dtype}", f"decode steps only, {dtype} weights", g[f"decode_{dtype}_tokens_per_s"],
+                "tok/s", f"{util[dtype]:4.0%} of read bandwidth ({g[f'weight_bytes_{dtype}'] / 1e6:.0f} MB of weights "
+                "per token)", bandwidth_utilisation=util[dtype])
+        ratio("generate tok/s KV cache / no cache", g["cached_fp32_tokens_per_s"] / g["uncached_fp32_tokens_per_s"], ">=", 5)
+        ratio("decode bandwidth utilisation, fp32", util["fp32"], ">=", 0.85)
+        ratio("decode tok/s bf16 / fp32 weights", g["decode_bf16_tokens_per_s"] / g["decode_fp32_tokens_per_s"], ">=", 1.3)
+        p, (shape, B, T) = res["prefill"], m["prefill"]
+        section = f"prefill, {describe(shape)}, batch {B}x{T}, LoRA r=8 q,v, fp32, inference mode"
+        for name in ("unmerged", "merged"):
+            row(section, f"prefill_{name}", f"adapter {name}", B * T / p[f"{name}_s"], "tok/s")
+        ratio("prefill time unmerged / merged", p["unmerged_s"] / p["merged_s"], "<=", 1.10)
+    if "serving" in res:
+        b, s = res["serving"]["batch"], res["serving"]["server"]
+        section = (f"multi-adapter serving, {b['preset']}, {b['n_requests']} requests over {b['n_adapters']} adapters, "
+                   f"{b['prompt_len']}+{b['new_tokens']} tokens")
+        n_tokens = b["n_requests"] * b["new_tokens"]
+        for key, label in (("mixed_s", "mixed-adapter batch"), ("merged_one_by_one_s", "one by one, merged weights"),
+                           ("base_batch_s", "same batch, base model only")):
+            row(section, f"serving_{key[:-2]}", label, n_tokens / b[key], "tok/s")
+        row(section, "server_concurrent", f"HTTP server, {s['clients']} concurrent clients", s["concurrent_tok_s"], "tok/s")
+        row(section, "server_sequential", "HTTP server, the same requests one after another", s["sequential_tok_s"], "tok/s")
+        ratio("mixed batch speed-up vs merged one by one", b["speedup_vs_merged_one_by_one"], ">=", 4)
+        ratio("mixed batch time / base batch time", b["mixed_over_base"], "<=", 1.5)
+        ratio("server tok/s concurrent / sequential", s["speedup"], ">=", 3)
+    return rows, ratios
+
+
+def pending_rows():
+    """Rows whose library code does not exist yet (skipped, and listed in the output)."""
+    pending = []
+    if not importlib.util.find_spec("minilora.generation"):
+        pending.append("generation (needs minilora.generation): cached vs uncached, decode bandwidth, merged prefill")
+    if not importlib.util.find_spec("minilora.serving_bench"):
+        pending.append("serving (needs minilora.serving_bench): mixed-adapter batch vs merged one by one vs base; "
+                       "server concurrency")
+    return pending
+
+
+def format_table(mode, out):
+    c, mc = out["ceilings"], out["machine"]
+    lines = [f"minilora bench ({mode}) on {mc['cpu']}, {mc['cores']} cores, torch {mc['torch']}, {mc['threads']} threads",
+             "", "machine ceilings, measured in this run",
+             f"  {'matmul fp32 (square torch.matmul)':52s} {c['matmul_fp32_gflops']:9.1f} GFLOP/s",
+             f"  {'matmul bf16 (square torch.matmul)':52s} {c['matmul_bf16_gflops']:9.1f} GFLOP/s",
+             f"  {'memory read bandwidth (fp32 tensor.sum())':52s} {c['bandwidth_gbs']:9.1f} GB/s"]
+    section = None
+    for r in out["rows"]:
+        if r["section"] != section:
+            section = r["section"]
+            lines += ["", section]
+        lines.append(f"  {r['label']:52s} {r['value']:9.1f} {r['unit']:7s} {r['detail']}")
+    lines += ["", f"  {'ratio':52s} {'measured':>9s}  target"]
+    for r in out["ratios"]:
+        lines.append(f"  {r['name']:52s} {r['value']:9.2f}  {r['target']:8s} {'met' if r['met'] else 'NOT met'}")
+    lines += ["", out["flop_counting"]]
+    if mode != "default":
+        lines.append("(the targets are set for the default shapes; in this mode they only show the direction)")
+    lines += [f"pending: {p}" for p in out["pending"]]
+    return "\n".join(lines)
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small shapes, about a minute on 2 cores")
+    size.add_argument("--smoke", action="store_true", help="tiny shapes, seconds: only for the test suite")
+    parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                        help="write the results as JSON to PATH (no PATH: JSON on stdout, the table on stderr)")
+    parser.add_argument("--_worker", choices=WORKERS, help=argparse.SUPPRESS)
+    parser.add_argument("--_params", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._worker:
+        print(json.dumps(WORKERS[args._worker](json.loads(args._params))))
+        return
+    mode = "smoke" if args.smoke else "quick" if args.quick else "default"
+    res = measure(mode)
+    rows, ratios = report(mode, res)
+    out = dict(mode=mode, machine=dict(cpu=cpu_name(), cores=os.cpu_count(), torch=torch.__version__,
+                                       threads=torch.get_num_threads(), python=platform.python_version()),
+               ceilings=res["ceilings"], rows=rows, ratios=ratios, raw=res, pending=pending_rows(),
+               flop_counting="MFU counts per token 6*N FLOPs for full fine-tuning and 4*N for LoRA (N = matmul "
+                             "weights incl. the head), plus 12*L*T*C for attention, over the matmul peak measured in the same process")
+    print(format_table(mode, out), file=sys.stderr if args.json == "-" else sys.stdout)
+    if args.json == "-":
+        print(json.dumps(out, indent=1))
+    elif args.json:
+        from minilora.fileio import atomic_open
+        with atomic_open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -35,7 +35,7 @@ def test_quick_run_writes_adapters_base_and_results(lora_run):
         adapter = out / "adapters" / task
         assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors", "minilora.json"]
         config = json.loads((adapter / "adapter_config.json").read_text())
-        assert config["r"] == 8 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+        assert config["r"] == 8 and config["target_modules"] == "all-linear"
         tensors = load_file(str(adapter / "adapter_model.safetensors"))
         assert tensors and all(".lora_A." in k or ".lora_B." in k for k in tensors)
         run = json.loads((adapter / "minilora.json").read_text())
@@ -47,10 +47,11 @@ def test_quick_run_writes_adapters_base_and_results(lora_run):
     assert [r["task"] for r in results["finetune"]] == ["sql", "dates"]
     for r in results["finetune"]:
         assert 0.0 <= r["base_accuracy"] <= 1.0 and 0.0 <= r["accuracy"] <= 1.0
-        assert r["trainable_params"] == 2 * 4 * 8 * (128 + 128)  # 4 layers x {q, v} x r (in + out)
+        # all-linear: 4 layers x r x (in + out) of q, k, v, out_proj (128 -> 128), fc_in (128 -> 512), fc_out (512 -> 128)
+        assert r["trainable_params"] == 4 * 8 * (4 * (128 + 128) + 2 * (128 + 512))
         assert r["train_state_bytes"] == 16 * r["trainable_params"] + 4 * (r["total_params"] - r["trainable_params"])
     # what the quickstart promises to print
-    for line in ["trainable params: 16,384 || all params:", "held-out exact match before fine-tuning",
+    for line in ["trainable params: 73,728 || all params:", "held-out exact match before fine-tuning",
                  "step 2/2 | loss", "held-out exact match (4 examples): base", "adapter on disk:",
                  "examples (held out, greedy):", "quickstart done in"]:
         assert line in stdout, line
@@ -68,7 +69,7 @@ def test_second_run_reuses_the_base_and_full_finetuning_compares(lora_run):
     assert os.path.isfile(out / "runs" / "sql-full" / "model.safetensors")
     assert "full model on disk" in proc.stdout and "| full |" in proc.stdout  # the comparison table
     table = comparison_table(str(out))
-    assert table.count("\n") == 3 and "lora r=8 q_proj/v_proj" in table
+    assert table.count("\n") == 3 and "lora r=8 all-linear" in table
 
 
 def test_base_is_reused_only_with_the_same_settings(lora_run):

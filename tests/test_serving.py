@@ -6,6 +6,7 @@ import json
 import os
 import random
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -249,17 +250,25 @@ def test_client_disconnect_mid_stream_frees_its_row(setup):
     assert whole["usage"]["completion_tokens"] == 60  # left alone, this request takes 60 steps
     steps = engine.steps
     raw = json.dumps({**body, "stream": True}).encode()
-    with socket.create_connection(s.server_address[:2], timeout=10) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: " + str(len(raw)).encode() + b"\r\n\r\n" + raw)
-        got = b""
-        while b"data: " not in got:
-            got += sock.recv(4096)
-        engine.lock.acquire()  # pause the engine between steps, then hang up
+    # Pause the engine right after its first step with the request in a row: a fast machine would
+    # otherwise stream all 60 tokens before the client thread even runs again.
+    paused, resume = threading.Event(), threading.Event()
+
+    def step_then_pause():
+        type(engine)._step(engine)
+        if not paused.is_set():
+            paused.set()
+            resume.wait(10)
+    engine._step = step_then_pause
     try:
-        time.sleep(0.5)  # the handler notices the closed connection while the engine is paused
+        with socket.create_connection(s.server_address[:2], timeout=10) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: " + str(len(raw)).encode() + b"\r\n\r\n" + raw)
+            assert paused.wait(10)
+        time.sleep(0.5)  # then hang up: the handler notices the closed connection while the engine is paused
     finally:
-        engine.lock.release()
+        resume.set()
+        del engine._step
     deadline = time.time() + 20
     while engine.running or engine.waiting:
         assert time.time() < deadline, "the disconnected request still holds its row"

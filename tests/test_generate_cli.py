@@ -1,9 +1,5 @@
 """generate.py end to end in a subprocess: random tiny weights, a saved base + adapter, bad input."""
 
-import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,27 +9,15 @@ from minilora.generation import generate
 from minilora.lora import LoraConfig, apply_lora, disable_adapter, save_adapter
 from minilora.tokenizer import get_tokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from scripts import run_script, run_script_here
 
 
 def run(*args):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=120)
+    return run_script("generate.py", *args)
 
 
 def run_here(capsys, *args):
-    """generate.py's main in this process (cheaper than a subprocess): (exit status, stdout, stderr)."""
-    spec = importlib.util.spec_from_file_location("generate_script", os.path.join(ROOT, "generate.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    try:
-        script.main_guard(lambda: script.main(list(args)))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_script_here(capsys, "generate.py", *args)
 
 
 @pytest.fixture(scope="module")

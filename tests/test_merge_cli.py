@@ -1,11 +1,8 @@
 """merge.py end to end: merged == unmerged == reloaded from disk, refusals leave disk untouched, bf16 output."""
 
 import copy
-import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,28 +12,17 @@ from minilora.generation import generate
 from minilora.lora import LoraConfig, apply_lora, disable_adapter, merge_and_unload, save_adapter
 from minilora.safetensors import read_header
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from scripts import run_script, run_script_here
+
 PROMPTS = [[10, 20, 30], [40, 50, 60, 70, 80, 90]]  # two lengths: the padded batch path too
 
 
 def run(*args):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "merge.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=120)
+    return run_script("merge.py", *args)
 
 
 def run_here(capsys, *args):
-    """merge.py's main in this process (cheaper than a subprocess): (exit status, stdout, stderr)."""
-    spec = importlib.util.spec_from_file_location("merge_script", os.path.join(ROOT, "merge.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    try:
-        script.main_guard(lambda: script.main(list(args)))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_script_here(capsys, "merge.py", *args)
 
 
 def greedy(model, n=20):

@@ -451,36 +451,36 @@ def row_adapters(model, adapter_names):
     """`with row_adapters(model, ["sql", "__base__", "quotes"]):` every forward inside gives batch
     row i the adapter adapter_names[i] alone (PEFT's adapter_names=), whatever set_adapter says."""
     names = check_row_adapters(model, adapter_names, len(adapter_names))
-    layers = [layer for _, layer in lora_layers(model)]
     device = next(model.parameters()).device
     groups = {}
     for i, n in enumerate(names):
         if n != BASE_ADAPTER:
             groups.setdefault(n, []).append(i)
     groups = {n: torch.tensor(rows, device=device) for n, rows in groups.items()}  # (n,) rows of each adapter
-    before = [layer.row_groups for layer in layers]
-    for layer in layers:
-        layer.row_groups = groups
-    try:
+    with _set_on_layers(model, "row_groups", groups):
         yield model
-    finally:
-        for layer, g in zip(layers, before):
-            layer.row_groups = g
 
 
 @contextlib.contextmanager
 def disable_adapter(model):
     """`with disable_adapter(model):` runs the base model; adapters come back on exit, even after an error."""
     _refuse_if_merged(model, "disable adapters")
+    with _set_on_layers(model, "disable_adapters", True):
+        yield model
+
+
+@contextlib.contextmanager
+def _set_on_layers(model, attr, value):
+    """Set `attr` on every LoRALinear for the with-block, then give each layer back its own value."""
     layers = [layer for _, layer in lora_layers(model)]
-    before = [layer.disable_adapters for layer in layers]
+    before = [getattr(layer, attr) for layer in layers]
     for layer in layers:
-        layer.disable_adapters = True
+        setattr(layer, attr, value)
     try:
         yield model
     finally:
-        for layer, flag in zip(layers, before):
-            layer.disable_adapters = flag
+        for layer, old in zip(layers, before):
+            setattr(layer, attr, old)
 
 
 def delete_adapter(model, adapter_name):

@@ -41,8 +41,10 @@ def main(argv=None):
         save_output(model, cfg, info, rt, result)
         if rt.master:
             print(f"saved {'adapter' if info['kind'] == 'lora' else 'model'} to {cfg.out_dir}")
-    finally:
-        cleanup(rt)
+    except BaseException:
+        cleanup(rt, completed=False)
+        raise
+    cleanup(rt)
 
 
 if __name__ == "__main__":

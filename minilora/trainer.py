@@ -194,8 +194,13 @@ def seed_everything(seed):
     random.seed(seed)
 
 
-def cleanup(rt):
+def cleanup(rt, completed=True):
+    """Leave the process group. After a completed run every rank waits for the others first: a rank
+    that tears the group down while a peer is still finishing (rank 0 writing the output) can make
+    gloo abort that peer. After an error there is no barrier: the other ranks may never reach it."""
     if rt.ddp and dist.is_initialized():
+        if completed:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -86,15 +86,21 @@ class KVCache(nn.Module):
             self.k[:B, :, cache_pos:end] = k
             self.v[:B, :, cache_pos:end] = v
             return self.k[:B, :, :end], self.v[:B, :, :end]  # views: (B, nh, end, hs)
+        rows, slots = self.write_rows(cache_pos, k, v, rows)
+        end = int(slots.max()) + 1
+        return self.k[rows, :, :end], self.v[rows, :, :end]  # (B, nh, end, hs)
+
+    def write_rows(self, cache_pos, k, v, rows=None):
+        """Write k, v (B, nh, T, hs) at per-row start slots; returns (rows (B,), slots (B, T))."""
+        B, _, T, _ = k.shape
         if rows is None:
             rows = torch.arange(B, device=k.device)
         starts = torch.as_tensor(cache_pos, device=k.device).expand(B)
         slots = starts[:, None] + torch.arange(T, device=k.device)  # (B, T)
         # advanced indices around a slice put their dims first: target is (B, T, nh, hs)
-        self.k[rows[:, None], :, slots] = k.transpose(1, 2)
-        self.v[rows[:, None], :, slots] = v.transpose(1, 2)
-        end = int(slots.max()) + 1
-        return self.k[rows, :, :end], self.v[rows, :, :end]  # (B, nh, end, hs)
+        self.k[rows[:, None], :, slots] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[rows[:, None], :, slots] = v.transpose(1, 2).to(self.v.dtype)
+        return rows, slots
 
 
 class CausalSelfAttention(nn.Module):

@@ -29,35 +29,24 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
 
 from minilora.errors import MiniloraError
 from minilora.generation import _stop_cut, sample_next
+from minilora.model import KVCache
 from minilora.multi_lora import UnknownAdapter
 
 
-class RowKVCache(nn.Module):
+class RowKVCache(KVCache):
     """One layer's keys/values for the engine's rows; attention always sees all max_len slots.
 
-    Plugs into CausalSelfAttention where model.KVCache would (same update() contract), but
-    returns the whole cache as a view instead of slicing it to the longest row, so attention
-    shapes never depend on the other rows.
+    model.KVCache slices its keys to the longest row written; this returns the whole cache
+    instead, so attention shapes never depend on the other rows (batch-invariant greedy output).
     """
 
-    def __init__(self, rows, n_head, max_len, head_dim, dtype, device):
-        super().__init__()
-        shape = (rows, n_head, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
     def update(self, cache_pos, k, v, rows=None):
-        B, _, T, _ = k.shape
-        rows = torch.arange(B, device=k.device) if rows is None else rows
-        slots = torch.as_tensor(cache_pos, device=k.device).expand(B)[:, None] + torch.arange(T, device=k.device)  # (B, T)
-        # advanced indices around a slice put their dims first: target is (B, T, nh, hs)
-        self.k[rows[:, None], :, slots] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[rows[:, None], :, slots] = v.transpose(1, 2).to(self.v.dtype)
-        if B == self.k.size(0):
+        rows_given = rows is not None
+        rows, _ = self.write_rows(cache_pos, k, v, rows)
+        if not rows_given and k.size(0) == self.k.size(0):
             return self.k, self.v  # every row: the cache itself, no copy
         return self.k[rows], self.v[rows]  # (B, nh, max_len, hs)
 

@@ -93,7 +93,7 @@ def bench_mixed_batch(preset="gpt2", n_requests=32, n_adapters=8, rank=8, prompt
                     one_by_one += _timed(lambda: gen(model, [p]))
             unmerge(model)
         out["merged_one_by_one_s"] = one_by_one
-        del model
+        model = None  # free this copy before the engine builds its own
 
         engine_model = copy.deepcopy(base)
         registry = AdapterRegistry(engine_model, max_loras=n_adapters, max_lora_rank=rank)
@@ -125,7 +125,7 @@ def bench_server(preset="gpt2", clients=16, requests_per_client=1, prompt_len=16
     (max_num_seqs=1: no batching, and no idle rows either, so the fair sequential baseline)."""
     with tempfile.TemporaryDirectory() as tmp:
         base, model, names = _setup(preset, n_adapters, rank, ("q_proj", "v_proj"), tmp, seed)
-        del model
+        model = None  # free this copy before the engine builds its own
         g = torch.Generator().manual_seed(seed)
         jobs = [{"model": (["base"] + names)[i % (n_adapters + 1)], "max_tokens": max_tokens, "temperature": 0,
                  "ignore_eos": True, "prompt": torch.randint(0, base.config.vocab_size, (prompt_len,), generator=g).tolist()}

@@ -13,15 +13,6 @@ from minilora.lora import LoraConfig, apply_lora, merge_and_unload, save_adapter
 from minilora.multi_lora import AdapterRegistry, RowSlots, SlotLoRALinear, UnknownAdapter
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny ops on a shared 2-core machine: intra-op threads only wait for each other.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_adapter(base, path, r, seed, targets=("q_proj", "v_proj", "fc_in")):
     """Save a random (non-zero B) adapter for `base` to `path`; return the base + adapter model."""
     m = copy.deepcopy(base)

@@ -24,14 +24,6 @@ from minilora.tokenizer import get_tokenizer
 TOK = get_tokenizer("byte")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops on a shared machine: intra-op threads only wait for each other
-    yield
-    torch.set_num_threads(n)
-
-
 def make_adapter(base, path, r, seed, targets=("q_proj", "v_proj", "fc_in")):
     m = copy.deepcopy(base)
     apply_lora(m, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets)))

@@ -21,15 +21,6 @@ from minilora.trainer import (Progress, Runtime, TrainConfig, build_model, confi
 TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog {i % 7} times.\n" for i in range(400))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The CI machine has 2 cores shared with other jobs; intra-op threads only contend there.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def text_file(tmp_path):
     path = tmp_path / "corpus.txt"

@@ -124,8 +124,7 @@ def bench_server(preset="gpt2", clients=16, requests_per_client=1, prompt_len=16
     sent one after another, to the same server (max_num_seqs = clients) and to a one-row server
     (max_num_seqs=1: no batching, and no idle rows either, so the fair sequential baseline)."""
     with tempfile.TemporaryDirectory() as tmp:
-        base, model, names = _setup(preset, n_adapters, rank, ("q_proj", "v_proj"), tmp, seed)
-        model = None  # free this copy before the engine builds its own
+        base, _, names = _setup(preset, n_adapters, rank, ("q_proj", "v_proj"), tmp, seed)  # the server builds its own
         g = torch.Generator().manual_seed(seed)
         jobs = [{"model": (["base"] + names)[i % (n_adapters + 1)], "max_tokens": max_tokens, "temperature": 0,
                  "ignore_eos": True, "prompt": torch.randint(0, base.config.vocab_size, (prompt_len,), generator=g).tolist()}

@@ -17,50 +17,93 @@ from minilora.errors import MiniloraError
 class LinearCrossEntropy(torch.autograd.Function):
     """cross_entropy(x @ weight.T, targets) without ever holding the (N, V) logits.
 
-    The loss is a scalar, so its gradients can be computed during the forward pass, `chunk`
+    The loss is a scalar, so its gradients can be computed during the forward pass, a chunk of
     rows at a time: logits -> softmax - one_hot -> dx (and dweight). Only one chunk's logits
-    exist at a time (512 x V floats, ~100 MB) instead of fp32 logits, log-probs and their
-    gradient for every token (3 x 412 MB at gpt2 8x256): -1.2 GB peak RSS there, and about
-    -20% time for the head + loss in fp32. Most of that time is the vocabulary padding: MKL's
-    fp32 GEMM runs ~45% faster at 50304 columns than at 50257 (measured on the bench machine);
-    the padded columns get -inf logits, so they take no probability and no gradient.
+    exist at a time, in buffers allocated once per call, instead of fp32 logits, log-probs and
+    their gradient for every token (3 x 412 MB at gpt2 8x256): -1.2 GB peak RSS there.
+    Reusing the buffers matters for speed too: a fresh 100 MB tensor per chunk costs ~25k page
+    faults on the CPU, which made the head + loss ~40% slower in bf16 (measured on the bench machine).
+    The vocabulary is padded to a multiple of 64 (fp32 GEMM ran ~45% faster at 50304 columns
+    than at 50257 there); the padded columns get -inf logits, so no probability and no gradient.
     Ignored targets (-100) get zero loss and zero gradient.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk=512):
+    def forward(ctx, x, weight, targets, chunk=None):
         # x (N, C), weight (V, C), targets (N,)
-        N, V = x.shape[0], weight.shape[0]
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        w = F.pad(weight.detach().to(dtype), (0, 0, 0, -V % 64))  # (Vp, C), zero rows appended
-        pad_bias = torch.zeros(w.shape[0], dtype=dtype, device=w.device)
-        pad_bias[V:] = float("-inf")
+        (N, C), V, dev = x.shape, weight.shape[0], x.device
+        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x.dtype
+        fp32 = dtype == torch.float32
+        chunk = min(N, chunk or (128 if fp32 else 512))  # the faster size for each on the bench machine
+        w = torch.zeros(V + -V % 64, C, dtype=dtype, device=dev)  # (Vp, C), zero rows appended
+        w[:V] = weight.detach()
+        bias = torch.zeros(w.shape[0], dtype=dtype, device=dev)
+        bias[V:] = float("-inf")
         valid = targets != -100
         count = valid.sum().clamp(min=1)
         need_dx, need_dw = ctx.needs_input_grad[:2]
         dx = torch.empty_like(x) if need_dx else None
-        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_dw else None
-        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        dw = torch.zeros(w.shape, dtype=torch.float32, device=dev) if need_dw else None
+        logits = torch.empty(chunk, w.shape[0], dtype=dtype, device=dev)  # the chunk's buffers
+        probs = logits if fp32 else torch.empty(logits.shape, dtype=torch.float32, device=dev)
+        dw_chunk = torch.empty(w.shape, dtype=dtype, device=dev) if need_dw and not fp32 else None
+        w_t = w.t().contiguous() if need_dx and fp32 else None  # dx = grad @ w as a linear() over w.T
+        loss = torch.zeros((), dtype=torch.float32, device=dev)
         for i in range(0, N, chunk):
-            xc, yc, ok = x[i:i + chunk].to(dtype), targets[i:i + chunk].clamp(min=0), valid[i:i + chunk]
-            logp = torch.log_softmax(F.linear(xc, w, pad_bias), dim=-1, dtype=torch.float32)  # (c, Vp)
-            loss -= (logp.gather(1, yc[:, None]).squeeze(1) * ok).sum()
+            n = min(chunk, N - i)
+            xc, yc = x[i:i + n].to(dtype), targets[i:i + n].clamp(min=0)[:, None]
+            scale = valid[i:i + n, None] / count  # (n, 1): d(mean loss) / d(this row's loss)
+            z, p = logits[:n], probs[:n]
+            z.copy_(linear(xc, w, bias))
+            z_target = z.gather(1, yc).float()
+            if p is not z:
+                p.copy_(z)
+            m = p.amax(1, keepdim=True)
+            total = p.sub_(m).exp_().sum(1, keepdim=True)  # p = exp(z - max)
+            loss += ((m + total.log() - z_target) * scale).sum()  # log-sum-exp - target logit
             if need_dx or need_dw:
-                grad = logp.exp_()  # softmax, in place
-                grad.scatter_add_(1, yc[:, None], -ok[:, None].float())  # - one_hot(target)
-                grad = (grad * (ok / count)[:, None]).to(dtype)  # d(mean loss) / d(logits)
+                p.mul_(scale / total).scatter_add_(1, yc, -scale)  # (softmax - one_hot) * scale
+                grad = p if p is z else z.copy_(p)
                 if need_dx:
-                    dx[i:i + chunk] = grad @ w
-                if need_dw:
-                    dw += grad.t() @ xc
+                    dx[i:i + n] = linear(grad, w_t) if fp32 else grad @ w
+                if need_dw and fp32:
+                    dw.addmm_(grad.t(), xc)
+                elif need_dw:
+                    dw.add_(torch.mm(grad.t(), xc, out=dw_chunk))  # bf16 product, fp32 sum
         ctx.save_for_backward(dx, None if dw is None else dw[:V])
-        return loss / count
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         dx, dw = ctx.saved_tensors
         return (None if dx is None else dx * grad_loss, None if dw is None else dw * grad_loss, None, None)
+
+
+# oneDNN's fp32 kernel, where this torch build has it (CPU builds for x86 and arm64 do)
+_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def linear(x, weight, bias=None):
+    """F.linear for use without autograd; fp32 on the CPU goes to oneDNN rather than MKL.
+
+    MKL's fp32 matrix-vector product ran at ~40% of the memory bandwidth on the bench machine
+    (an AMD EPYC) and its GEMM at ~80% of oneDNN's speed; oneDNN streams the weights at 65-95%
+    of the bandwidth, which is what batch-1 decoding is bound by. Same results to fp32 rounding.
+    """
+    if (_ONEDNN_LINEAR and x.is_cpu and x.dtype == weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear that uses linear() above when no gradient is wanted (generation, serving, eval).
+
+    Training keeps F.linear and its autograd; bf16/fp16 run on oneDNN through it already.
+    """
+
+    def forward(self, x):
+        return super().forward(x) if torch.is_grad_enabled() else linear(x, self.weight, self.bias)
 
 
 class KVCache(nn.Module):
@@ -109,10 +152,10 @@ class CausalSelfAttention(nn.Module):
         C = config.n_embd
         self.n_head = config.n_head
         self.dropout = config.dropout
-        self.q_proj = nn.Linear(C, C, bias=config.bias)
-        self.k_proj = nn.Linear(C, C, bias=config.bias)
-        self.v_proj = nn.Linear(C, C, bias=config.bias)
-        self.out_proj = nn.Linear(C, C, bias=config.bias)
+        self.q_proj = Linear(C, C, bias=config.bias)
+        self.k_proj = Linear(C, C, bias=config.bias)
+        self.v_proj = Linear(C, C, bias=config.bias)
+        self.out_proj = Linear(C, C, bias=config.bias)
         self.kv_cache = None  # a KVCache while generating, see GPT.setup_kv_cache
 
     def forward(self, x, attn_mask=None, cache_pos=None, cache_rows=None):
@@ -137,9 +180,9 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.fc_in = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.fc_in = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
-        self.fc_out = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.fc_out = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -171,7 +214,7 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied, as in GPT-2: counted once
         if self.lm_head.weight.is_meta:
             return  # shapes only (parameter arithmetic, or load_state_dict(assign=True) next)

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from minilora import GPT, GPTConfig, MiniloraError
+from minilora.model import Linear
 from minilora.lora import (LoraConfig, LoRALinear, add_weighted_adapter, apply_lora, count_parameters,
                            delete_adapter, disable_adapter, lora_layers, merge, merge_and_unload,
                            print_trainable_parameters, set_adapter, unmerge)
@@ -323,7 +324,7 @@ def test_delete_adapter_frees_its_tensors():
     assert all(r() is None for r in refs)
     assert "b" not in layer.lora_A and "b" not in layer.r and set(model.peft_config) == {"a"}
     assert not any(".b." in k for k in model.state_dict())
-    assert type(model.transformer.h[0].mlp.fc_in) is nn.Linear  # left with no adapter: unwrapped
+    assert type(model.transformer.h[0].mlp.fc_in) is Linear  # left with no adapter: unwrapped
     with pytest.raises(MiniloraError, match="unknown adapter"):
         set_adapter(model, "b")
 

@@ -3,6 +3,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from minilora import GPT, GPTConfig, MiniloraError
 
@@ -164,3 +165,49 @@ def test_loss_only_matches_full_logits_loss_and_gradients(lora):
     assert ref.keys() == got.keys() and ("transformer.wte.weight" in ref) == (not lora)  # the tied head
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("train_head", [False, True])
+def test_linear_cross_entropy_in_chunks_matches_cross_entropy(dtype, train_head):
+    """Several chunks (the last one partial), ignored rows, fp32 and bf16 autocast: loss, dx and dweight."""
+    from minilora.model import LinearCrossEntropy
+    torch.manual_seed(0)
+    x = torch.randn(50, 24, requires_grad=True)
+    w = (torch.randn(100, 24) * 0.3).requires_grad_(train_head)  # 100 rows: padded to 128 inside
+    targets = torch.randint(0, 100, (50,))
+    targets[[0, 17, 18, 49]] = -100
+    results = []
+    for chunked in (False, True):
+        x.grad = w.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            if chunked:
+                loss = LinearCrossEntropy.apply(x, w, targets, 16)
+            else:
+                loss = F.cross_entropy(F.linear(x, w).float(), targets, ignore_index=-100)
+        loss.backward()
+        results.append((loss.detach(), x.grad, w.grad))
+    (ref_loss, ref_dx, ref_dw), (loss, dx, dw) = results
+    tol = dict(rtol=0, atol=1e-6) if dtype == "fp32" else dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(loss, ref_loss, **tol)
+    torch.testing.assert_close(dx, ref_dx, **tol)
+    assert (dw is None) == (not train_head)
+    if train_head:
+        torch.testing.assert_close(dw, ref_dw, **tol)
+    assert dx[[0, 17, 18, 49]].abs().max() == 0  # ignored rows get no gradient
+
+
+def test_linear_without_autograd_matches_f_linear():
+    """Linear's no-grad path (oneDNN for fp32 on the CPU) computes what F.linear computes."""
+    from minilora.model import Linear
+    torch.manual_seed(0)
+    for bias in (True, False):
+        layer = Linear(48, 40, bias=bias)
+        x = torch.randn(3, 5, 48)
+        with torch.no_grad():
+            got = layer(x)
+            got_t = layer(x.transpose(0, 1))  # a non-contiguous input
+        torch.testing.assert_close(got, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_t, F.linear(x.transpose(0, 1), layer.weight, layer.bias), rtol=1e-5, atol=1e-6)
+        out = layer(x)
+        assert out.requires_grad  # with autograd on, the plain nn.Linear path

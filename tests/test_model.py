@@ -210,4 +210,4 @@ def test_linear_without_autograd_matches_f_linear():
         torch.testing.assert_close(got, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got_t, F.linear(x.transpose(0, 1), layer.weight, layer.bias), rtol=1e-5, atol=1e-6)
         out = layer(x)
-        assert out.requires_grad  # with autograd on, the plain nn.Linear path
+        assert out.requires_grad  # with autograd on: recorded for backward

@@ -12,8 +12,9 @@
    (a city, a number) from the request into the answer is the hard part: the base has no copying
    ability (no induction heads after ~2.5M tokens of pretraining), so the adapter has to build it.
    LoRA r=8 on q_proj/v_proj (the paper's setting) learns the query shapes but not the values
-   (~5% exact match); r=8 on every linear layer (8.4% of the parameters) learns both and matches
-   full fine-tuning, hence the default --target_modules all-linear (measured figures: README).
+   (~5% exact match); r=8 on every linear layer (8.6% of the base's parameters), with alpha 64
+   and lr 5e-3, learns both and matches full fine-tuning (96.5% each, measured figures: README),
+   hence the default --target_modules all-linear.
 3. Print what LoRA claims: trainable parameters, held-out accuracy of base vs adapter, adapter
    size vs base size, speed and memory; write it all to out_dir/results.json.
 

@@ -23,7 +23,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     their gradient for every token (3 x 412 MB at gpt2 8x256): -1.2 GB peak RSS there.
     Reusing the buffers matters for speed too: a fresh 100 MB tensor per chunk costs ~25k page
     faults on the CPU, which made the head + loss ~40% slower in bf16 (measured on the bench machine).
-    The vocabulary is padded to a multiple of 64 (fp32 GEMM ran ~45% faster at 50304 columns
+    The vocabulary is padded to a multiple of 64 (MKL's fp32 GEMM ran ~45% faster at 50304 columns
     than at 50257 there); the padded columns get -inf logits, so no probability and no gradient.
     Ignored targets (-100) get zero loss and zero gradient.
     """

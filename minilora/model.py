@@ -54,7 +54,10 @@ class LinearCrossEntropy(torch.autograd.Function):
             xc, yc = x[i:i + n].to(dtype), targets[i:i + n].clamp(min=0)[:, None]
             scale = valid[i:i + n, None] / count  # (n, 1): d(mean loss) / d(this row's loss)
             z, p = logits[:n], probs[:n]
-            z.copy_(linear(xc, w, bias))
+            if fp32:
+                z.copy_(linear(xc, w, bias))  # oneDNN; its output (25 MB) stays below malloc's mmap threshold
+            else:
+                torch.addmm(bias, xc, w.t(), out=z)
             z_target = z.gather(1, yc).float()
             if p is not z:
                 p.copy_(z)

@@ -23,7 +23,6 @@ import inspect
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from minilora.config import GPTConfig
 from minilora.errors import MiniloraError
 from minilora.lora import LoraConfig, apply_lora, merge
 from minilora.model import GPT, linear
+from minilora.trainer import peak_memory_mb
 
 GPT2_SMALL = ("gpt2", {})
 # The shapes each mode runs. quick keeps GPT-2's 50,257-token head (the part that dominates
@@ -89,10 +89,6 @@ def timed(fn, repeats, warmup=1):
     return statistics.median(times)
 
 
-def peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def build(shape, lora=False, **lora_overrides):
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_name(shape[0], **shape[1]))
@@ -142,7 +138,7 @@ def worker_train(p):
     # and MFU is only meaningful against a ceiling measured under the same load.
     peak = matmul_gflops(p["matmul_n"], DTYPES[p["dtype"]])
     seconds = timed(step, p["repeats"])
-    return dict(tokens_per_s=B * T / seconds, step_s=seconds, matmul_peak_gflops=peak, peak_rss_mb=peak_rss_mb(),
+    return dict(tokens_per_s=B * T / seconds, step_s=seconds, matmul_peak_gflops=peak, peak_rss_mb=peak_memory_mb("cpu"),
                 trainable_params=sum(q.numel() for q in trainable), loss_only=bool(loss_kwargs))
 
 
@@ -245,7 +241,7 @@ def measure(mode):
 
 def report(mode, res):
     """-> (rows, ratios): each figure with its section, label and context; each ratio with its target."""
-    m, c = MODES[mode], res["ceilings"]
+    m = MODES[mode]
     rows, ratios = [], []
 
     def row(section, name, label, value, unit, detail="", **extra):

@@ -35,8 +35,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x.dtype
         fp32 = dtype == torch.float32
         chunk = min(N, chunk or (128 if fp32 else 512))  # the faster size for each on the bench machine
-        w = torch.zeros(V + -V % 64, C, dtype=dtype, device=dev)  # (Vp, C), zero rows appended
+        w = torch.empty(V + -V % 64, C, dtype=dtype, device=dev)  # (Vp, C), zero rows appended
         w[:V] = weight.detach()
+        w[V:] = 0
         bias = torch.zeros(w.shape[0], dtype=dtype, device=dev)
         bias[V:] = float("-inf")
         valid = targets != -100

@@ -1,4 +1,4 @@
-"""bench.py runs end to end (in its --smoke mode: tiny shapes, seconds) and emits valid JSON.
+"""bench.py runs end to end (--smoke: tiny shapes, seconds; --quick: the documented mode) and emits valid JSON.
 
 No timing assertions: only that every measurement ran, in its own worker process, and produced
 positive figures and well-formed ratios.
@@ -48,3 +48,15 @@ def test_bench_smoke_emits_json_with_every_row(tmp_path):
         assert r["value"] > 0 and isinstance(r["met"], bool) and r["target"][:2] in (">=", "<=")
     assert result["pending"] == []  # generation and serving both exist in this tree
 
+
+
+def test_bench_quick_mode_runs(tmp_path):
+    """The documented `python bench.py --quick` (gpt2-width shapes, ~45 s on 2 cores) completes with every figure."""
+    out = tmp_path / "quick.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--quick", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["mode"] == "quick" and result["pending"] == []
+    assert len(result["rows"]) == 18 and all(math.isfinite(r["value"]) and r["value"] > 0 for r in result["rows"])
+    assert len({r["name"] for r in result["ratios"]}) == 13  # every target of the bench and generation issues

@@ -18,8 +18,6 @@ mask is not discounted). MFU = achieved FLOP/s / measured matmul peak of the sam
 
 import argparse
 import copy
-import importlib.util
-import inspect
 import json
 import os
 import platform
@@ -33,9 +31,13 @@ import torch
 from minilora.cli import main_guard
 from minilora.config import GPTConfig
 from minilora.errors import MiniloraError
+from minilora.fileio import atomic_open
+from minilora.generation import generate
 from minilora.lora import LoraConfig, apply_lora, merge
-from minilora.model import GPT, linear
-from minilora.trainer import peak_memory_mb
+from minilora.model import GPT
+from minilora.ops import linear
+from minilora.progress import peak_memory_mb
+from minilora.serving_bench import bench_mixed_batch, bench_server
 
 GPT2_SMALL = ("gpt2", {})
 # The shapes each mode runs. quick keeps GPT-2's 50,257-token head (the part that dominates
@@ -99,7 +101,7 @@ def build(shape, lora=False, **lora_overrides):
 
 def matmul_gflops(n, dtype):
     """The faster of the two GEMMs the model uses: torch.matmul (MKL for fp32 on x86) and
-    minilora.model.linear (oneDNN for fp32), on square n x n matrices."""
+    minilora.ops.linear (oneDNN for fp32), on square n x n matrices."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     seconds = min(timed(lambda: torch.matmul(a, b), 5), timed(lambda: linear(a, b), 5))
     return 2 * n ** 3 / seconds / 1e9
@@ -125,11 +127,10 @@ def worker_train(p):
     trainable = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     # The model's logits-free loss path when it has one (see GPT.forward's loss_only)
-    loss_kwargs = {"loss_only": True} if "loss_only" in inspect.signature(model.forward).parameters else {}
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=p["dtype"] == "bf16"):
-            _, loss = model(x, y, **loss_kwargs)
+            _, loss = model(x, y, loss_only=True)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -139,12 +140,11 @@ def worker_train(p):
     peak = matmul_gflops(p["matmul_n"], DTYPES[p["dtype"]])
     seconds = timed(step, p["repeats"])
     return dict(tokens_per_s=B * T / seconds, step_s=seconds, matmul_peak_gflops=peak, peak_rss_mb=peak_memory_mb("cpu"),
-                trainable_params=sum(q.numel() for q in trainable), loss_only=bool(loss_kwargs))
+                trainable_params=sum(q.numel() for q in trainable), loss_only=True)
 
 
 def worker_generation(p):
     """Batch-1 greedy generation: KV-cached vs re-forward, fp32 and bf16 weights."""
-    from minilora.generation import generate
     model = build(p["shape"]).eval()
     prompt = torch.randint(model.config.vocab_size, (1, p["prompt"]), generator=torch.Generator().manual_seed(0))
     n, out = p["new"], {}
@@ -190,7 +190,6 @@ def worker_prefill(p):
 
 def worker_serving(p):
     """minilora.serving_bench's two measurements: the mixed-adapter batch and the HTTP server."""
-    from minilora.serving_bench import bench_mixed_batch, bench_server
     return dict(batch=bench_mixed_batch(**p["batch"]), server=bench_server(**p["server"]))
 
 
@@ -227,15 +226,13 @@ def measure(mode):
             "train", dict(shape=shape, batch=B, seq=T, lora=kind == "lora", dtype="fp32", repeats=1,
                            matmul_n=m["matmul_n"]),
             f"peak memory {kind}")
-    if importlib.util.find_spec("minilora.generation"):
-        shape, prompt, new = m["gen"]
-        res["generation"] = run_worker("generation", dict(shape=shape, prompt=prompt, new=new, repeats=m["repeats"],
-                                                          bandwidth_mb=m["bandwidth_mb"]),
-                                       "generation")
-        shape, B, T = m["prefill"]
-        res["prefill"] = run_worker("prefill", dict(shape=shape, batch=B, seq=T, repeats=m["repeats"]), "prefill")
-    if importlib.util.find_spec("minilora.serving_bench"):
-        res["serving"] = run_worker("serving", m["serving"], "multi-adapter serving")
+    shape, prompt, new = m["gen"]
+    res["generation"] = run_worker("generation", dict(shape=shape, prompt=prompt, new=new, repeats=m["repeats"],
+                                                      bandwidth_mb=m["bandwidth_mb"]),
+                                   "generation")
+    shape, B, T = m["prefill"]
+    res["prefill"] = run_worker("prefill", dict(shape=shape, batch=B, seq=T, repeats=m["repeats"]), "prefill")
+    res["serving"] = run_worker("serving", m["serving"], "multi-adapter serving")
     return res
 
 
@@ -312,17 +309,6 @@ def report(mode, res):
     return rows, ratios
 
 
-def pending_rows():
-    """Rows whose library code does not exist yet (skipped, and listed in the output)."""
-    pending = []
-    if not importlib.util.find_spec("minilora.generation"):
-        pending.append("generation (needs minilora.generation): cached vs uncached, decode bandwidth, merged prefill")
-    if not importlib.util.find_spec("minilora.serving_bench"):
-        pending.append("serving (needs minilora.serving_bench): mixed-adapter batch vs merged one by one vs base; "
-                       "server concurrency")
-    return pending
-
-
 def format_table(mode, out):
     c, mc = out["ceilings"], out["machine"]
     lines = [f"minilora bench ({mode}) on {mc['cpu']}, {mc['cores']} cores, torch {mc['torch']}, {mc['threads']} threads",
@@ -342,7 +328,6 @@ def format_table(mode, out):
     lines += ["", out["flop_counting"]]
     if mode != "default":
         lines.append("(the targets are set for the default shapes; in this mode they only show the direction)")
-    lines += [f"pending: {p}" for p in out["pending"]]
     return "\n".join(lines)
 
 
@@ -373,14 +358,13 @@ def main():
     rows, ratios = report(mode, res)
     out = dict(mode=mode, machine=dict(cpu=cpu_name(), cores=os.cpu_count(), torch=torch.__version__,
                                        threads=torch.get_num_threads(), python=platform.python_version()),
-               ceilings=res["ceilings"], rows=rows, ratios=ratios, raw=res, pending=pending_rows(),
+               ceilings=res["ceilings"], rows=rows, ratios=ratios, raw=res,
                flop_counting="MFU counts per token 6*N FLOPs for full fine-tuning and 4*N for LoRA (N = matmul "
                              "weights incl. the head), plus 12*L*T*C for attention, over the matmul peak measured in the same process")
     print(format_table(mode, out), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json == "-":
         print(json.dumps(out, indent=1))
     elif args.json:
-        from minilora.fileio import atomic_open
         with atomic_open(args.json, "w") as f:
             json.dump(out, f, indent=1)
 

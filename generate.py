@@ -3,11 +3,12 @@
     python generate.py --init_from gpt2 --prompt "The meaning of life is" --max_new_tokens 50
     python generate.py --adapter out/sql --prompt "list all users" --temperature 0   # base read from the adapter
     python generate.py --init_from out/base --adapter out/sql --merge --stream
-    python generate.py --init_from scratch:gpt2 --max_new_tokens 128 --temperature 0 --no_cache  # speed check
+    python generate.py --init_from scratch:gpt2 --max_new_tokens 128 --temperature 0 --no-cache  # speed check
 
 --init_from takes a directory (HF GPT-2 layout, or a train.py output dir: a LoRA one brings its
 base and adapter), a hub name such as gpt2 (downloaded once), or random weights: a preset that
-is not a GPT-2 name (tiny, small) or scratch:PRESET (scratch:gpt2). Every option: -h.
+is not a GPT-2 name (tiny, small) or scratch:PRESET (scratch:gpt2); minilora.loading reads all
+of them, for every script. Every option: -h.
 Prints each sample (prompt + completion), then tokens/s with prefill and decode timed apart.
 """
 
@@ -16,13 +17,12 @@ from dataclasses import dataclass
 
 import torch
 
-from minilora import MiniloraError
-from minilora.checkpoint import load_model
-from minilora.cli import main_guard, opt, parse_args
+from minilora.cli import DTYPE_CHOICES, dtype_name, main_guard, opt, parse_args, parse_dtype
+from minilora.errors import MiniloraError
 from minilora.generation import generate, stream_generate
+from minilora.loading import adapter_base, load_model
+from minilora.lora import merge
 from minilora.tokenizer import get_tokenizer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -42,9 +42,9 @@ class Args:
     stop: list[str] = opt([], "stop strings: a sample ends before the first one (end-of-text always stops)")
     seed: int = opt(1337, "seed for random weights and for sampling")
     stream: bool = opt(False, "print the sample as it is generated (one sample only)")
-    dtype: str = opt("float32", "weights' dtype", choices=list(DTYPES))
+    dtype: str = opt("fp32", "weights' dtype", choices=DTYPE_CHOICES)
     device: str = opt("cpu", "cpu, cuda, cuda:1, ...")
-    no_cache: bool = opt(False, "re-run the whole sequence every step (the slow reference)")
+    cache: bool = opt(True, "KV cache; --no-cache re-runs the whole sequence every step (the slow reference)")
 
 
 def main(argv=None):
@@ -58,17 +58,24 @@ def main(argv=None):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise MiniloraError(f"--device {args.device}: CUDA is not available here; use --device cpu")
 
-    model = load_model(args.init_from, args.adapter, args.seed)
+    init_from = args.init_from
+    if init_from is None:
+        if args.adapter is None:
+            raise MiniloraError("give --init_from (a model dir, a hub name like gpt2, or tiny) or --adapter")
+        init_from = adapter_base(args.adapter)
+    model, _ = load_model(init_from, adapter=args.adapter, seed=args.seed)
     if args.merge:
-        from minilora.lora import merge
         merge(model, safe_merge=True)
-    model.to(device=args.device, dtype=DTYPES[args.dtype])
+    model.to(device=args.device, dtype=parse_dtype(args.dtype))
     tok = get_tokenizer(model.config.tokenizer)
 
     text = args.prompt
     if args.prompt_file:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            text = f.read()
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise MiniloraError(f"--prompt_file {args.prompt_file} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     ids = tok.encode(text) if text else [tok.eot_token]
     n = args.max_new_tokens
     if n is None:
@@ -76,7 +83,7 @@ def main(argv=None):
         if n < 1:
             raise MiniloraError(f"the prompt's {len(ids)} tokens fill the model's context "
                                 f"(block_size={model.config.block_size}); shorten the prompt")
-    kwargs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_cache,
+    kwargs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, use_cache=args.cache,
                   stop=args.stop, seed=args.seed, eot_token=tok.eot_token, tokenizer=tok)
 
     if args.stream:
@@ -100,7 +107,7 @@ def main(argv=None):
     s = out.stats
     print(f"prefill: {s.prompt_tokens} tokens in {s.prefill_s * 1e3:.1f} ms ({s.prefill_tokens_per_s:.1f} tok/s) | "
           f"decode: {s.new_tokens} tokens in {s.decode_s:.2f} s ({s.decode_tokens_per_s:.1f} tok/s) | "
-          f"{'no cache' if args.no_cache else 'KV cache'}, {args.dtype}, {args.device}", file=sys.stderr)
+          f"{'KV cache' if args.cache else 'no cache'}, {dtype_name(args.dtype)}, {args.device}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
-from minilora import MiniloraError
-from minilora.checkpoint import adapter_base, load_model
-from minilora.cli import main_guard, opt, parse_args
+from minilora.cli import DTYPE_CHOICES, dtype_name, main_guard, opt, parse_args, parse_dtype
+from minilora.errors import MiniloraError
 from minilora.hub import CONFIG_FILE, PYTORCH_FILE, SAFETENSORS_FILE
+from minilora.loading import adapter_base, load_model
 from minilora.lora import lora_layers, merge_and_unload
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Allowed max |Δlogit| / max |logit|. fp32 only sees the merge's rounding (~1e-7 per weight); bf16/fp16
 # are measured against the unmerged fp32 model, so they include casting every weight (eps 2^-7, 2^-10):
 # random tiny/small/gpt2-shape models with r=8 adapters measured 0.5-1.2e-2 in bf16 and 0.5-1.6e-3 in fp16,
@@ -38,15 +36,23 @@ class Args:
     adapter: str = opt("", "the PEFT-format adapter directory to merge (required)")
     out: str = opt("", "directory to write the merged model to (required)")
     base: str | None = opt(None, "base model dir or hub name; default: the base the adapter records")
-    dtype: str = opt("fp32", "dtype of the written weights (the merge itself is always fp32)", choices=list(DTYPES))
+    dtype: str = opt("fp32", "dtype of the written weights (the merge itself is always fp32)", choices=DTYPE_CHOICES)
     force: bool = opt(False, "replace an existing --out directory (one that holds only a saved model)")
-    no_safe_merge: bool = opt(False, "skip safe_merge's NaN/inf check of the merged weights (the logit check runs)")
+    safe_merge: bool = opt(True, "refuse NaN/inf merged weights (--no-safe-merge skips it; the logit check still runs)")
     tolerance: float | None = opt(None, "max |Δlogit| / max |logit| allowed for the written dtype; "
                                         f"default {', '.join(f'{k} {v:g}' for k, v in TOLERANCE.items())}")
 
 
-def check_out(out, force):
-    """Refuse an --out we may not replace, before any work is done."""
+def check_out(out, force, inputs=()):
+    """Refuse an --out we may not replace, before any work is done: never one of the inputs (the
+    adapter or a base directory), inside one, or holding one, symlinks resolved."""
+    real = os.path.realpath(out)
+    for path in inputs:
+        if path and os.path.exists(path):
+            other = os.path.realpath(path)
+            if os.path.commonpath([real, other]) in (real, other):
+                raise MiniloraError(f"--out {out} would overwrite the input {path} (the same directory, inside it, "
+                                    f"or holding it); choose another --out")
     if not os.path.lexists(out):
         return
     if not force:
@@ -101,28 +107,30 @@ def main(argv=None):
         raise MiniloraError("give --adapter DIR (the adapter to merge) and --out DIR (where the merged model goes)")
     if args.tolerance is not None and not args.tolerance > 0:
         raise MiniloraError(f"--tolerance must be a positive number, got {args.tolerance}")
-    check_out(args.out, args.force)
+    dtype = dtype_name(args.dtype)
+    check_out(args.out, args.force, [args.adapter, args.base])  # before any work: a bad adapter is not read
     base = args.base or adapter_base(args.adapter, flag="--base")
+    check_out(args.out, args.force, [base])
 
-    model = load_model(base, args.adapter)  # fp32 on the CPU, eval mode
+    model, _ = load_model(base, adapter=args.adapter)  # fp32 on the CPU, eval mode
     adapters = describe(model)
     idx = sample_batch(model.config)
     ref = logits_of(model, idx)  # the unmerged model: what the adapter defines
 
     # fp32 delta, cast once; safe_merge raises before changing any weight
-    model = merge_and_unload(model, safe_merge=not args.no_safe_merge)
-    tolerance = args.tolerance if args.tolerance is not None else TOLERANCE[args.dtype]
+    model = merge_and_unload(model, safe_merge=args.safe_merge)
+    tolerance = args.tolerance if args.tolerance is not None else TOLERANCE[dtype]
     # the merge itself is always held to fp32's tolerance; --tolerance loosens it only for --dtype fp32
-    fp32_tolerance = tolerance if args.dtype == "fp32" else TOLERANCE["fp32"]
+    fp32_tolerance = tolerance if dtype == "fp32" else TOLERANCE["fp32"]
     diff, rel = verify("merged vs unmerged, fp32", model, idx, ref, fp32_tolerance)
-    if args.dtype != "fp32":
-        model.to(DTYPES[args.dtype])  # the one cast, after the fp32 merge
-        diff, rel = verify(f"written {args.dtype} vs unmerged fp32", model, idx, ref, tolerance)
+    if dtype != "fp32":
+        model.to(parse_dtype(dtype))  # the one cast, after the fp32 merge
+        diff, rel = verify(f"written {dtype} vs unmerged fp32", model, idx, ref, tolerance)
 
     model.save_pretrained(args.out)  # config.json (tokenizer under "minilora") + model.safetensors, one rename
     size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
     print(f"merged {args.adapter} into {base}\n  adapter {adapters}\n"
-          f"  max |Δlogit| {diff:.3g} ({rel:.3g} of the logit scale) | wrote {args.out}: {args.dtype}, "
+          f"  max |Δlogit| {diff:.3g} ({rel:.3g} of the logit scale) | wrote {args.out}: {dtype}, "
           f"{size / 1e6:.2f} MB | {time.time() - t0:.1f} s")
 
 

@@ -20,9 +20,9 @@ import torch
 
 from minilora.cli import main_guard, opt, parse_args
 from minilora.errors import MiniloraError
-from minilora.model import GPT
-from minilora.multi_lora import AdapterRegistry
+from minilora.loading import load_model
 from minilora.openai_server import App, Server
+from minilora.registry import AdapterRegistry
 from minilora.serving import Engine
 from minilora.tokenizer import get_tokenizer
 
@@ -31,7 +31,8 @@ from minilora.tokenizer import get_tokenizer
 class ServeArgs:
     """Serve a base model and many LoRA adapters behind an OpenAI-compatible API."""
 
-    init_from: str = opt("", "the base model: an HF GPT-2 name or directory (e.g. a train.py --lora_r 0 out_dir)")
+    init_from: str = opt("", "the base model: an HF GPT-2 name or directory (e.g. a train.py --lora_r 0 out_dir), "
+                             "or a preset for random weights (tiny, scratch:gpt2)")
     lora_modules: list[str] = opt([], "adapters to serve, as name=path (PEFT-format directories) or vLLM's JSON "
                                       "'{\"name\": ..., \"path\": ...}'")
     served_model_name: str | None = opt(None, "the base model's name in the API (default: --init_from)")
@@ -80,14 +81,21 @@ def main(argv=None):
     for d in args.allowed_lora_dir:
         if not os.path.isdir(d):
             raise MiniloraError(f"--allowed-lora-dir {d} is not a directory")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise MiniloraError(f"--device {args.device}: CUDA is not available here; use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model = GPT.from_pretrained(args.init_from).to(args.device)
+    model, _ = load_model(args.init_from)
+    if hasattr(model, "peft_config"):
+        raise MiniloraError(f"{args.init_from} is a LoRA run directory; serve its base with --init_from and the "
+                            f"adapter with --lora-modules NAME={args.init_from}")
+    model.to(args.device)
     registry = AdapterRegistry(model, args.max_loras, args.max_cpu_loras, args.max_lora_rank)
     for name, path in adapters.items():
         registry.add(name, path)
-    engine = Engine(model, get_tokenizer(model.config.tokenizer), registry, args.max_num_seqs, args.max_model_len)
+    engine = Engine(model, get_tokenizer(model.config.tokenizer), registry, max_num_seqs=args.max_num_seqs,
+                    max_model_len=args.max_model_len)
     app = App(engine, base_name, args.enable_runtime_lora_updating, args.allowed_lora_dir)
     try:
         server = Server(app, args.host, args.port, args.verbose)
@@ -95,7 +103,7 @@ def main(argv=None):
         raise MiniloraError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); pick another --port") from None
     engine.start()
     print(f"serving {base_name} + adapters [{', '.join(adapters)}] on {server.url}/v1 "
-          f"(max_num_seqs={engine.M}, max_loras={registry.max_loras}, max_model_len={engine.L})", flush=True)
+          f"(max_num_seqs={engine.max_num_seqs}, max_loras={registry.max_loras}, max_model_len={engine.max_model_len})", flush=True)
     try:
         server.serve_forever()
     finally:

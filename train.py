@@ -15,8 +15,7 @@ log.jsonl holds every logged step; checkpoint/ is what --resume reads.
 
 from minilora.cli import main_guard, parse_args
 from minilora.lora import print_trainable_parameters
-from minilora.trainer import (TrainConfig, build_model, cleanup, dry_run, load_data, save_output, setup_runtime,
-                              task_eval_fn, train)
+from minilora.trainer import TrainConfig, dry_run, save_output, start_run, train
 
 
 def main(argv=None):
@@ -25,26 +24,18 @@ def main(argv=None):
         print(dry_run(cfg))
         return
 
-    rt = setup_runtime(cfg)
-    try:
-        model, info = build_model(cfg, rt)
+    with start_run(cfg) as run:  # runtime (device, dtype, DDP), model + LoRA, data; leaves DDP at the end
+        model, info, rt = run.model, run.info, run.rt
         if rt.master:
-            print(f"{info['kind']} training on {rt.device} ({rt.dtype}, {rt.world_size} process"
-                  f"{'es' if rt.ddp else ''}), base {info['base_model']}, tokenizer {info['tokenizer']}")
+            print(f"{info.kind} training on {rt.device} ({rt.dtype}, {rt.world_size} process"
+                  f"{'es' if rt.ddp else ''}), base {info.base_model}, tokenizer {info.tokenizer}")
             print_trainable_parameters(model)
 
-        dataset = load_data(cfg, info["tokenizer"], model.config.block_size, rt)
-        eval_fn = task_eval_fn(dataset, info["tokenizer"], cfg.eval_examples, cfg.block_size or model.config.block_size)
-
-        result = train(model, dataset, cfg, rt, eval_fn=eval_fn)
+        result = train(model, run.dataset, cfg, rt, eval_fn=run.eval_fn)
 
         save_output(model, cfg, info, rt, result)
         if rt.master:
-            print(f"saved {'adapter' if info['kind'] == 'lora' else 'model'} to {cfg.out_dir}")
-    except BaseException:
-        cleanup(rt, completed=False)
-        raise
-    cleanup(rt)
+            print(f"saved {'adapter' if info.kind == 'lora' else 'model'} to {cfg.out_dir}")
 
 
 if __name__ == "__main__":

@@ -23,12 +23,15 @@ import json
 import math
 import os
 import re
+from dataclasses import dataclass
 
 import torch
 
 from minilora.errors import MiniloraError
+from minilora.lora import LoraConfig, apply_lora, lora_layers
 from minilora.fileio import atomic_directory
 from minilora.safetensors import load_file, read_header, save_file
+from minilora.targets import matches
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -67,7 +70,6 @@ def _config(model, adapter_name):
 
 def adapter_state_dict(model, adapter_name="default"):
     """{PEFT key: live parameter} for one adapter: what save_adapter writes and load_adapter fills."""
-    from minilora.lora import _matches, lora_layers  # imported on use: minilora.lora re-exports this module
     config = _config(model, adapter_name)
     out = {}
     for path, layer in lora_layers(model):
@@ -79,9 +81,51 @@ def adapter_state_dict(model, adapter_name="default"):
     if config.bias == "all":  # as in PEFT: every bias of the model is trained, so every one is saved
         out.update({PREFIX + n: p for n, p in model.named_parameters() if n.endswith("bias")})
     for path, module in model.named_modules():  # lora.py trains modules_to_save in place: their own names
-        if path and any(_matches(m, path) for m in config.modules_to_save or []):
+        if path and any(matches(m, path) for m in config.modules_to_save or []):
             out.update({f"{PREFIX}{path}.{n}": p for n, p in module.named_parameters() if "lora_" not in n})
     return out
+
+
+# ---- adapter_config.json <-> LoraConfig ------------------------------------------------------
+
+def peft_config_dict(config):
+    """PEFT's adapter_config.json, with the keys PEFT has written since v0.10 so any recent PEFT loads it."""
+    return {
+        "peft_type": "LORA", "auto_mapping": None, "base_model_name_or_path": config.base_model_name_or_path,
+        "revision": None, "task_type": config.task_type, "inference_mode": True,  # as PEFT's save_pretrained writes
+        "r": config.r, "target_modules": config.target_modules if isinstance(config.target_modules, str)
+        else list(config.target_modules), "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
+        "fan_in_fan_out": False, "bias": config.bias, "use_rslora": config.use_rslora,
+        "modules_to_save": None if config.modules_to_save is None else list(config.modules_to_save),
+        "init_lora_weights": config.init_lora_weights,
+        "layers_to_transform": None if config.layers_to_transform is None else list(config.layers_to_transform),
+        "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "megatron_config": None,
+        "megatron_core": "megatron.core", "loftq_config": {}, "use_dora": False, "layer_replication": None,
+    }
+
+
+def config_from_peft(d):
+    """A LoraConfig from PEFT's adapter_config.json dict; unknown keys are ignored, features we lack refused.
+
+    fan_in_fan_out (HF GPT-2's Conv1D layout) is accepted: the HF GPT-2 conversion below reads it.
+    """
+    if not isinstance(d, dict):
+        raise MiniloraError(f"adapter config must be a JSON object, got {type(d).__name__}")
+    if d.get("peft_type", "LORA") != "LORA":
+        raise MiniloraError(f"adapter config has peft_type {d['peft_type']!r}; minilora loads only LORA adapters")
+    for key in ("use_dora", "lora_bias", "rank_pattern", "alpha_pattern", "layer_replication", "loftq_config",
+                "megatron_config", "exclude_modules", "trainable_token_indices"):
+        # each of these changes the model PEFT builds; loading it as plain LoRA would be silently wrong
+        if d.get(key) not in (None, False, {}, []):
+            raise MiniloraError(f"adapter config sets {key}={d[key]!r}, which minilora does not implement; "
+                                f"retrain or convert the adapter without it")
+    if d.get("layers_pattern") not in (None, "h", ["h"]):
+        raise MiniloraError(f"adapter config layers_pattern {d['layers_pattern']!r} is unknown; minilora's blocks are transformer.h")
+    for key in ("fan_in_fan_out", "inference_mode"):
+        if key in d and not isinstance(d[key], bool):
+            raise MiniloraError(f"adapter config {key} must be true or false, got {d[key]!r}")
+    names = [f.name for f in dataclasses.fields(LoraConfig)]
+    return LoraConfig(**{k: d[k] for k in names if k in d})
 
 
 # ---- saving --------------------------------------------------------------------------------------
@@ -95,7 +139,7 @@ def save_adapter(model, save_dir, adapter_name="default", base_model_name_or_pat
     config = _config(model, adapter_name)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise MiniloraError(f"save_adapter dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
-    tensors, peft = adapter_state_dict(model, adapter_name), config.to_peft_dict()
+    tensors, peft = adapter_state_dict(model, adapter_name), peft_config_dict(config)
     if format == HF_GPT2:
         tensors, peft = _to_hf_gpt2(model, adapter_name, config, tensors, peft)
     elif format != "peft":
@@ -119,20 +163,27 @@ def save_adapter(model, save_dir, adapter_name="default", base_model_name_or_pat
 
 # ---- loading -------------------------------------------------------------------------------------
 
-def load_adapter(model, adapter_dir, adapter_name=None, is_trainable=False, allow_pickle=False, expected_base=None):
-    """Add the adapter in `adapter_dir` to `model` under `adapter_name` (default "default"); return the model.
+@dataclass
+class AdapterWeights:
+    """An adapter directory as read and checked against a model, not yet attached to it."""
+    path: str
+    config: LoraConfig
+    tensors: dict  # PEFT key -> tensor (our module names; an HF GPT-2 adapter already converted)
 
-    Every key and shape is checked against the model before any tensor data is read or the model
-    changed: missing, unexpected and mis-shaped keys are named in one error. HF GPT-2 adapters
-    (keys on c_attn/c_proj/c_fc) are recognised and converted. The new adapter becomes the active
-    one (apply_lora's rule); with is_trainable=False its tensors are frozen (PEFT's inference mode).
-    An existing adapter of the same name is an error, never silently replaced.
+    @property
+    def nbytes(self):
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def read_adapter(model, adapter_dir, *, allow_pickle=False, expected_base=None, trim=True, max_rank=None):
+    """Read the adapter in `adapter_dir` and check it against `model`, changing nothing -> AdapterWeights.
+
+    The one reader behind load_adapter and the serving registry. Every key and shape is checked
+    against the model before any tensor data is read: missing, unexpected and mis-shaped keys are
+    named in one error. HF GPT-2 adapters (keys on c_attn/c_proj/c_fc) are recognised and
+    converted (trim=True drops the zero padding an export adds). Tensors must be floating point
+    and finite, and so must each update B * scaling: one bad adapter never yields NaN logits.
     """
-    from minilora.lora import LoraConfig, apply_lora, lora_layers
-    name = "default" if adapter_name is None else adapter_name
-    if name in getattr(model, "peft_config", {}):
-        raise MiniloraError(f"the model already has an adapter named {name!r}; pass another adapter_name "
-                            f"or delete_adapter(model, {name!r}) first")
     raw, where = _read_config(adapter_dir)
     if expected_base is not None and raw.get("base_model_name_or_path") != expected_base:
         raise MiniloraError(f"{where}: the adapter was trained on base {raw.get('base_model_name_or_path')!r}, "
@@ -152,32 +203,71 @@ def load_adapter(model, adapter_dir, adapter_name=None, is_trainable=False, allo
                 raise MiniloraError(f"{wpath} holds no lora_A/lora_B weights")
             raw = {**raw, "target_modules": paths, "layers_to_transform": None}
     try:
-        config = LoraConfig.from_peft_dict(raw)
+        config = config_from_peft(raw)
     except MiniloraError as e:
         raise MiniloraError(f"{where}: {e}") from None
+    if max_rank is not None and config.r > max_rank:
+        raise MiniloraError(f"adapter {adapter_dir} has rank {config.r}, above the server's max_lora_rank {max_rank}; "
+                            f"restart with --max-lora-rank {config.r} or more")
     got = {k: shapes[fk] if rows is None else (rows.stop - rows.start, *shapes[fk][1:]) for k, (fk, rows) in plan.items()}
-    _check_fits(_expected_shapes(model, config, name), got, wpath, _show_hf if hf else str)
+    _check_fits(_expected_shapes(model, config), got, wpath, _show_hf if hf else str)
 
     data = read()  # only now is tensor data read
     tensors = {k: data[fk] if rows is None else data[fk][rows] for k, (fk, rows) in plan.items()}
     for k, t in tensors.items():
         # a shape can differ only if the file changed since its header was read; integer data is no adapter
-        if tuple(t.shape) != got[k] or not t.is_floating_point():
-            raise MiniloraError(f"{wpath}: tensor {k} is {t.dtype} {tuple(t.shape)}, expected floating {got[k]}")
-    if hf and not is_trainable:
+        if tuple(t.shape) != got[k] or t.dtype not in _FLOATS:
+            raise MiniloraError(f"{wpath}: tensor {k} is {str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}, "
+                                f"expected float16, bfloat16, float32 or float64 {got[k]}; re-save the adapter")
+    _check_finite(tensors, config, wpath)
+    if hf and trim:
         config, tensors = _trim(config, tensors, model.config.n_layer)
-    apply_lora(model, config, name)
-    for _, layer in lora_layers(model):  # new dropout modules start in training mode; follow the model's
-        if name in layer.lora_dropout:
-            layer.lora_dropout[name].train(model.training)
-    live = {_canon(k): p for k, p in adapter_state_dict(model, name).items()}
+    # clone: no view keeps the file's memory map (and so the file) alive
+    return AdapterWeights(os.fspath(adapter_dir), config, {k: t.clone() for k, t in tensors.items()})
+
+
+def attach_adapter(model, weights, adapter_name, *, is_trainable=False, activate=True):
+    """Add read_adapter's result to `model` under `adapter_name` (apply_lora, then copy the tensors in)."""
+    apply_lora(model, weights.config, adapter_name, activate=activate)
+    live = {_canon(k): p for k, p in adapter_state_dict(model, adapter_name).items()}
     with torch.no_grad():
-        for k, t in tensors.items():
+        for k, t in weights.tensors.items():
             live[k].copy_(t)
     if not is_trainable:
         for p in live.values():
             p.requires_grad_(False)
     return model
+
+
+def load_adapter(model, adapter_dir, adapter_name=None, *, is_trainable=False, allow_pickle=False, expected_base=None):
+    """Add the adapter in `adapter_dir` to `model` under `adapter_name` (default "default"); return the model.
+
+    read_adapter checks everything before the model changes. The new adapter becomes the active
+    one (apply_lora's rule); with is_trainable=False its tensors are frozen (PEFT's inference mode).
+    An existing adapter of the same name is an error, never silently replaced.
+    """
+    name = "default" if adapter_name is None else adapter_name
+    if name in getattr(model, "peft_config", {}):
+        raise MiniloraError(f"the model already has an adapter named {name!r}; pass another adapter_name "
+                            f"or delete_adapter(model, {name!r}) first")
+    weights = read_adapter(model, adapter_dir, allow_pickle=allow_pickle, expected_base=expected_base,
+                           trim=not is_trainable)
+    return attach_adapter(model, weights, name, is_trainable=is_trainable)
+
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_finite(tensors, config, where):
+    """NaN/inf weights, or a B * scaling that overflows fp32 (lora_alpha 1e300), would poison every logit."""
+    scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+    for k, t in tensors.items():
+        t32 = t.float()
+        if not torch.isfinite(t32).all():
+            raise MiniloraError(f"{where}: tensor {k} has NaN or inf values; this adapter cannot be used")
+        if k.endswith("lora_B.weight") and not torch.isfinite(t32 * torch.tensor(scaling, dtype=torch.float32)).all():
+            raise MiniloraError(f"{where}: {k} times the scaling {scaling:.3g} (lora_alpha {config.lora_alpha:g}) "
+                                f"overflows float32; this adapter cannot be used")
 
 
 def _read_config(adapter_dir):
@@ -219,13 +309,12 @@ def _open_weights(adapter_dir, allow_pickle):
     return {k: tuple(t.shape) for k, t in data.items()}, lambda: data, path
 
 
-def _expected_shapes(model, config, name):
+def _expected_shapes(model, config):
     """Key -> shape the adapter has on `model`, from a twin on the meta device: nothing is allocated or changed."""
-    from minilora.lora import apply_lora
     with torch.device("meta"):
         twin = type(model)(model.config)
-    apply_lora(twin, config, name)  # raises here, before the model is touched, if a target does not exist
-    return {_canon(k): tuple(t.shape) for k, t in adapter_state_dict(twin, name).items()}
+    apply_lora(twin, config, "default")  # raises here, before the model is touched, if a target does not exist
+    return {_canon(k): tuple(t.shape) for k, t in adapter_state_dict(twin, "default").items()}
 
 
 def _check_fits(expected, got, where, show):

@@ -1,93 +1,126 @@
-"""What an output directory holds, and how to load whatever an --init_from names.
+"""Training checkpoints: everything the next step depends on, so --resume continues exactly.
 
-The scripts accept one kind of model argument everywhere (train.py --init_from, generate.py,
-merge.py --base, serve.py):
+    save_checkpoint(model, optimizer, scaler, dataset, cfg, rt, iter_num, best_val_loss)
+    iter_num, best_val_loss = load_checkpoint(find_checkpoint(out_dir), model, optimizer, ...)
 
-    scratch / tiny / scratch:gpt2   random weights of a preset (seeded)
-    gpt2, org/name                  an HF GPT-2 checkpoint on the hub (downloaded once)
-    a directory                     HF GPT-2 layout (config.json + model.safetensors), or a train.py
-                                    output dir: minilora.json says "full" (an HF-layout model) or
-                                    "lora" (an adapter whose base_model names the base to load first)
-
-    model, base_name = load_base("out/sql")             # what train.py builds on
-    model = load_model("out/base", adapter="out/sql")   # what generate.py and merge.py run
+out_dir/checkpoint/ holds model.safetensors (the trainable weights only: for LoRA the adapter,
+the frozen base is rebuilt from --init_from) and state.pt (optimizer, GradScaler, every RNG of
+every rank, the data loader's position, the step, the options). It is written to a temporary
+sibling and renamed into place, so a kill at any moment leaves the previous one intact.
 """
 
-import json
+import dataclasses
+import glob
 import os
+import random
+import shutil
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
-from minilora.config import PRESETS, GPTConfig
 from minilora.errors import MiniloraError
-from minilora.lora import load_adapter, set_adapter
-from minilora.model import GPT
+from minilora.fileio import atomic_directory
+from minilora.safetensors import load_file, save_file
 
 
-def read_run_info(path):
-    """The minilora.json of a minilora output directory, or None if `path` is not one."""
-    fp = os.path.join(path, "minilora.json")
-    if not os.path.isfile(fp):
-        return None
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+# Options that decide which weights exist; resuming with different ones is a different run.
+MODEL_OPTIONS = ("init_from", "model", "lora_r", "lora_alpha", "target_modules", "use_rslora", "full_finetune")
+
+
+def rng_state():
+    keys = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             # numpy's state as plain lists and tensors, so torch.load(weights_only=True) accepts it
+             "numpy": [keys[0], torch.from_numpy(keys[1].astype(np.int64)), *keys[2:]]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(s) if isinstance(s, list) else s for s in state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _gather(obj, rt):
+    """Every rank's `obj`, in rank order (each rank has its own RNG and maybe its own data position)."""
+    if not rt.ddp:
+        return [obj]
+    out = [None] * rt.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def find_checkpoint(out_dir):
+    """out_dir/checkpoint, or the previous one if a kill came between atomic_directory's two renames."""
+    path = os.path.join(out_dir, "checkpoint")
+    if os.path.isdir(path):
+        return path
+    parked = sorted(glob.glob(os.path.join(glob.escape(out_dir), ".checkpoint.*.old", "prev")), key=os.path.getmtime)
+    return parked[-1] if parked else None
+
+
+def save_checkpoint(raw_model, optimizer, scaler, dataset, cfg, rt, iter_num, best_val_loss):
+    """Write out_dir/checkpoint atomically: a kill at any moment leaves the previous one intact."""
+    rngs, data_states = _gather(rng_state(), rt), _gather(dataset.state_dict(), rt)
+    if not rt.master:
+        return
+    # LoRA: only the adapter (and anything else trainable) is saved; the frozen base is rebuilt from init_from.
+    weights = {n: p.detach().to("cpu").contiguous() for n, p in raw_model.named_parameters() if p.requires_grad}
+    state = {"iter_num": iter_num, "best_val_loss": best_val_loss, "world_size": rt.world_size,
+             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rngs, "data": data_states,
+             "config": dataclasses.asdict(cfg)}
+    with atomic_directory(os.path.join(cfg.out_dir, "checkpoint")) as tmp:
+        save_file(weights, os.path.join(tmp, "model.safetensors"))
+        torch.save(state, os.path.join(tmp, "state.pt"))
+    for stray in glob.glob(os.path.join(glob.escape(cfg.out_dir), ".checkpoint.*")):  # left by earlier kills
+        shutil.rmtree(stray, ignore_errors=True)
+
+
+def load_checkpoint(path, raw_model, optimizer, scaler, dataset, cfg, rt):
+    """Restore everything save_checkpoint wrote; returns (iter_num, best_val_loss)."""
+    fp = os.path.join(path, "state.pt")
     try:
-        with open(fp, encoding="utf-8") as f:
-            info = json.load(f)
-    except (OSError, ValueError, RecursionError) as e:
-        raise MiniloraError(f"{fp}: unreadable ({e}); restore it or train again") from None
-    if (not isinstance(info, dict) or info.get("kind") not in ("lora", "full")
-            or not isinstance(info.get("base_model"), str)):
-        raise MiniloraError(f"{fp}: not a minilora run file (needs kind 'lora' or 'full' and base_model)")
-    return info
-
-
-def load_base(init_from, preset="tiny", dropout=None):
-    """The weights --init_from names -> (GPT, name of the base to record). A LoRA dir gives base + adapter."""
-    if init_from == "scratch":
-        overrides = {} if dropout is None else {"dropout": dropout}
-        return GPT(GPTConfig.from_name(preset, **overrides)), "scratch:" + preset
-    info = read_run_info(init_from) if os.path.isdir(init_from) else None
-    if info is None or info["kind"] == "full":  # an HF GPT-2 name or directory (ours or anyone's)
-        name = os.path.abspath(init_from) if os.path.isdir(init_from) else init_from
-        return GPT.from_pretrained(init_from, dropout=dropout), name
-    model, base = load_base(info["base_model"], dropout=dropout)
-    load_adapter(model, init_from, is_trainable=True)
-    return model, base
-
-
-def adapter_base(adapter, flag="--init_from"):
-    """The base model an adapter directory records (adapter_config.json's base_model_name_or_path).
-
-    `flag` is the script option that names a base instead, for the error message.
-    """
-    try:
-        with open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8") as f:
-            base = json.load(f).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError, RecursionError) as e:
-        raise MiniloraError(f"cannot read the base model from {adapter}/adapter_config.json ({e}); "
-                            f"pass {flag}") from None
-    if not base:
-        raise MiniloraError(f"the adapter in {adapter} does not name its base model; pass {flag}")
-    return base
-
-
-def load_model(init_from, adapter=None, seed=0):
-    """The GPT --init_from names (+ the adapter), in fp32 on the CPU, in eval mode.
-
-    init_from=None takes the base the adapter records. Random-weight presets are seeded with `seed`.
-    """
-    if init_from is None:
-        if adapter is None:
-            raise MiniloraError("give --init_from (a model dir, a hub name like gpt2, or tiny) or --adapter")
-        init_from = adapter_base(adapter)
-    preset = init_from.removeprefix("scratch:")
-    if init_from.startswith("scratch:") or (preset in PRESETS and not preset.startswith("gpt2")):
-        torch.manual_seed(seed)
-        model = GPT(GPTConfig.from_name(preset))
-    elif os.path.isdir(init_from):
-        model, _ = load_base(init_from)  # HF dirs and train.py output dirs (LoRA: base + adapter)
-    else:
-        model = GPT.from_pretrained(init_from)
-    if adapter is not None:
-        load_adapter(model, adapter, adapter_name="default" if not hasattr(model, "peft_config") else "cli")
-        set_adapter(model, list(model.peft_config))  # a LoRA run dir's own adapter stays on beside --adapter
-    return model.eval()
+        state = torch.load(fp, map_location="cpu", weights_only=True)
+        saved = state["config"]
+    except Exception as e:  # truncated, empty or foreign files fail in many types; all mean the same here
+        raise MiniloraError(f"{fp} cannot be read ({type(e).__name__}: {str(e)[:80]}); the checkpoint is damaged: "
+                            f"start again without --resume in a new --out_dir") from None
+    changed = [k for k in MODEL_OPTIONS if saved.get(k) != getattr(cfg, k)]
+    if changed:
+        was = ", ".join(f"--{k} {saved.get(k)!r}" for k in changed)
+        raise MiniloraError(f"{path} was trained with {was}; resume with the same options, or use a new --out_dir")
+    others = [k for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "dry_run") and saved.get(k) != v]
+    if others and rt.master:
+        print(f"resuming with changed options: {', '.join(others)}")
+    weights = load_file(os.path.join(path, "model.safetensors"))  # MiniloraError if damaged
+    params = {n: p for n, p in raw_model.named_parameters() if p.requires_grad}
+    if set(weights) != set(params):
+        raise MiniloraError(f"{path}: weights do not match the model (missing {sorted(set(params) - set(weights))[:3]}, "
+                            f"unexpected {sorted(set(weights) - set(params))[:3]})")
+    with torch.no_grad():
+        for n, p in params.items():
+            if weights[n].shape != p.shape:
+                raise MiniloraError(f"{path}: {n} has shape {tuple(weights[n].shape)}, the model {tuple(p.shape)}")
+            p.copy_(weights[n])
+    optimizer.load_state_dict(state["optimizer"])
+    if state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    same_world = state["world_size"] == rt.world_size
+    if not same_world and rt.master:
+        print(f"note: checkpoint written by {state['world_size']} processes, resuming on {rt.world_size}: "
+              "the run continues, but not bit-identically")
+    dataset.load_state_dict(state["data"][rt.rank if same_world else 0])
+    set_rng_state(state["rng"][rt.rank if same_world else 0])
+    return state["iter_num"], state["best_val_loss"]

@@ -21,13 +21,14 @@ finish, not per step) and the batch shrinks, so finished rows cost nothing furth
 use_cache=False re-runs the whole sequence every step: the slow reference the tests and the
 benchmark compare against. LoRA adapters (merged, unmerged or disabled) are ordinary modules
 inside the model, so nothing here depends on them; adapter_names=["sql", "__base__", ...] gives
-each prompt its own adapter in one batch (minilora.lora.row_adapters, applied at every forward).
+each prompt its own adapter in one batch (minilora.adapters.adapter_rows, at every forward).
 For bf16 either cast the weights (model.to(torch.bfloat16); the cache follows the weights' dtype)
 or keep fp32 weights and pass autocast_dtype=torch.bfloat16 (the cache is then kept in bf16 too).
 Logits are sampled in fp32.
 
 generate() puts the model in eval mode and restores each module's training flag afterwards; it
-sets up and finally clears the model's KV cache, so one model runs one generation at a time.
+sets up and finally releases the model's KV cache, so one model runs one generation at a time
+(a model whose cache a serving engine holds refuses generate() with a clear error).
 """
 
 import contextlib
@@ -38,8 +39,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from minilora.adapters import adapter_rows, check_row_adapters
 from minilora.errors import MiniloraError
-from minilora.lora import check_row_adapters, row_adapters
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -49,9 +50,14 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     exactly k tokens even when several tie with the k-th. top_p keeps the smallest set of most
     likely tokens whose probability reaches top_p (always at least the top one).
     """
+    if not bool(torch.isfinite(logits).all()):
+        raise MiniloraError("the model produced NaN or inf logits; check the weights and adapter (e.g. a huge lora_alpha)")
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # The max is subtracted first, so the top logit is exactly 0 and a tiny temperature (1e-39) gives
+    # -inf to the rest, never inf - inf = NaN: it samples the argmax, as temperature -> 0 should.
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.size(-1):
         # Scatter the k winners into -inf: a threshold (logits < k-th value) would also keep every tie.
         _, keep = torch.topk(logits, top_k, dim=-1)  # (B, k)
@@ -97,7 +103,7 @@ class Generation:
     logits: list | None = None  # return_logits: per prompt (steps, V) fp32 logits each sample came from
 
 
-def _stop_cut(tokenizer, tokens, stops):
+def stop_cut(tokenizer, tokens, stops):
     """-> (n, text). A stop string in the decoded tokens: tokens[:n] lie wholly before it and text
     is the completion cut exactly there. None yet (text None): tokens[:n] are safe to stream,
     since no stop string can begin inside them whatever is sampled next."""
@@ -117,6 +123,48 @@ def _stop_cut(tokenizer, tokens, stops):
             break
         n -= 1
     return n, (text[:limit] if hits else None)
+
+
+class Completion:
+    """One sequence's decoding, shared by generate() and the serving engine: the tokens it keeps,
+    how many are certain (released), and why it finished ("stop" at eot or a stop string, else
+    "length"). Feed it each sampled token with add()."""
+
+    def __init__(self, *, max_tokens, eot_token=None, stop=(), tokenizer=None, ignore_eos=False):
+        self.max_tokens, self.eot, self.stop, self.tokenizer = max_tokens, eot_token, list(stop), tokenizer
+        self.ignore_eos = ignore_eos  # vLLM's extension: keep going past end of text (benchmarks)
+        self.tokens = []        # kept tokens: no eot, nothing from a stop string on
+        self.released = 0       # tokens[:released] can no longer change: safe to stream
+        self.sampled = 0        # tokens sampled, eot and stop-string tokens included
+        self.finish_reason = None
+        self.stop_text = None   # the text cut exactly before a stop string, once one appeared
+
+    def add(self, token, *, at_limit=False):
+        """Take one sampled token -> the tokens it releases. at_limit: the context is full."""
+        self.sampled += 1
+        if token == self.eot and not self.ignore_eos:
+            self.finish_reason = "stop"
+        else:
+            self.tokens.append(token)
+        n = len(self.tokens)
+        if self.stop and self.finish_reason is None:
+            n, text = stop_cut(self.tokenizer, self.tokens, self.stop)
+            if text is not None:
+                self.finish_reason, self.stop_text = "stop", text
+                del self.tokens[n:]
+        if self.finish_reason is None and (self.sampled >= self.max_tokens or at_limit):
+            self.finish_reason, n = "length", len(self.tokens)
+        elif self.finish_reason == "stop" and self.stop_text is None:
+            n = len(self.tokens)  # eot: tokens held back for a stop string that never came are released
+        new, self.released = self.tokens[self.released:n], n
+        return new
+
+    def text(self):
+        """The released text; until the end, a trailing half character (U+FFFD) waits for its bytes."""
+        if self.stop_text is not None:
+            return self.stop_text
+        text = self.tokenizer.decode(self.tokens[:self.released])
+        return text[:-1] if self.finish_reason is None and text.endswith("\ufffd") else text
 
 
 def _prompt_lists(idx, attention_mask, vocab_size):
@@ -165,18 +213,21 @@ class GenerationStream:
 
     Build it with stream_generate(). Arguments are checked here, so bad input raises at the
     call, not at the first next(). The model is switched to eval mode on the first next() and
-    restored (and its KV cache cleared) when the stream ends or is closed.
+    restored (and the KV cache this stream set up released) when the stream ends or is closed.
     """
 
-    def __init__(self, model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
+    def __init__(self, model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, use_cache=True,
                  stop=None, seed=None, eot_token=None, tokenizer=None, attention_mask=None,
                  autocast_dtype=None, return_logits=False, adapter_names=None):
         cfg = model.config
+        if model.kv_cache_kind is not None:  # a serving engine (or another stream) is running this model
+            raise MiniloraError(f"this model's KV cache is in use ({model.kv_cache_kind!r} kind: a serving engine or "
+                                "another generation owns it); generate through that owner, or on a copy of the model")
         self.prompts = _prompt_lists(idx, attention_mask, cfg.vocab_size)
         if adapter_names is not None:  # checked now: an unknown name fails before any compute
             adapter_names = check_row_adapters(model, adapter_names, len(self.prompts))
         self.adapter_names = adapter_names
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise MiniloraError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         T = max(len(p) for p in self.prompts)
         if T + max_new_tokens > cfg.block_size:
@@ -189,21 +240,20 @@ class GenerationStream:
             raise MiniloraError(f"top_k must be a positive int or None, got {top_k!r}")
         if top_p is not None and not 0 < top_p <= 1:
             raise MiniloraError(f"top_p must be in (0, 1] or None, got {top_p}")
-        self.stop = [stop] if isinstance(stop, str) else list(stop or [])
-        if any(not isinstance(s, str) or not s for s in self.stop):
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not isinstance(s, str) or not s for s in stop):
             raise MiniloraError(f"stop must be a non-empty string or a list of them, got {stop!r}")
-        if self.stop and tokenizer is None:
+        if stop and tokenizer is None:
             raise MiniloraError("stop strings need tokenizer= to decode the tokens")
         self.model, self.T, self.N = model, T, max_new_tokens
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-        self.use_cache, self.eot, self.tokenizer = use_cache, eot_token, tokenizer
+        self.use_cache, self.tokenizer = use_cache, tokenizer
         self.autocast_dtype, self.return_logits = autocast_dtype, return_logits
         self.device = model.lm_head.weight.device
         self.generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
-        B = len(self.prompts)
-        self.completions, self.emitted = [[] for _ in range(B)], [0] * B
-        self.finish, self.texts = [None] * B, [None] * B
-        self.logits = [[] for _ in range(B)]
+        self.completions = [Completion(max_tokens=max_new_tokens, eot_token=eot_token, stop=stop, tokenizer=tokenizer)
+                            for _ in self.prompts]
+        self.logits = [[] for _ in self.prompts]
         self.stats = GenerationStats(prompt_tokens=sum(len(p) for p in self.prompts))
         self._events = self._run()
 
@@ -218,24 +268,28 @@ class GenerationStream:
 
     def result(self):
         """The Generation, once every event has been consumed."""
-        if None in self.finish:
+        if any(c.finish_reason is None for c in self.completions):
             raise MiniloraError("the stream is not finished; iterate it to the end before result()")
-        texts = None
-        if self.tokenizer is not None:
-            texts = [t if t is not None else self.tokenizer.decode(c) for t, c in zip(self.texts, self.completions)]
+        texts = [c.text() for c in self.completions] if self.tokenizer is not None else None
         logits = [torch.stack(l) for l in self.logits] if self.return_logits else None
-        return Generation(self.completions, self.finish, texts, self.stats, logits)
+        return Generation([c.tokens for c in self.completions], [c.finish_reason for c in self.completions], texts,
+                          self.stats, logits)
 
     # ---- the loop -------------------------------------------------------------------------------
 
     def _run(self):
         modes = {m: m.training for m in self.model.modules()}
         self.model.eval()
+        owns_cache = False
         try:
+            if self.use_cache:
+                self.model.setup_kv_cache(len(self.prompts), self.T + self.N, dtype=self.autocast_dtype,
+                                          device=self.device, kind="static")
+                owns_cache = True
             self._prefill()
-            for step in range(self.N):
+            for _ in range(self.N):
                 t0 = time.perf_counter()
-                events, keep = self._sample(last=step == self.N - 1)
+                events, keep = self._sample()
                 self.stats.decode_s += time.perf_counter() - t0
                 yield from events
                 if not keep:
@@ -244,16 +298,17 @@ class GenerationStream:
                 self._decode(keep)
                 self.stats.decode_s += time.perf_counter() - t0
         finally:
-            self.model.clear_kv_cache()
+            if owns_cache:
+                self.model.clear_kv_cache()
             for m, mode in modes.items():
                 m.training = mode
 
     def _forward(self, idx, pos, attn_mask, cache_pos):
-        """Every forward passes here; self.rows names each batch row's prompt, so a per-row
-        adapter context can wrap this call. Returns the last position's logits (B, V) in fp32."""
+        """Every forward passes here; self.rows names each batch row's prompt, so each row gets its
+        own adapter. Returns the last position's logits (B, V) in fp32."""
         ctx = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                else contextlib.nullcontext())
-        rows = (row_adapters(self.model, [self.adapter_names[r] for r in self.rows]) if self.adapter_names
+        rows = (adapter_rows(self.model, [self.adapter_names[r] for r in self.rows]) if self.adapter_names
                 else contextlib.nullcontext())
         with ctx, rows:
             logits, _ = self.model(idx, pos=pos, attn_mask=attn_mask, cache_pos=cache_pos)
@@ -274,14 +329,12 @@ class GenerationStream:
         self.padded = bool(pad.any())
         self.rows = list(range(B))  # prompt index of each batch row; shrinks as rows finish
         self.L = T  # tokens in each row's sequence so far (pads included)
-        if self.use_cache:
-            self.model.setup_kv_cache(B, total, dtype=self.autocast_dtype, device=dev)
         mask = _attn_mask(self.key_valid, 0, T) if self.padded else None
         self.next_logits = self._forward(self.seq[:, :T], self.pos[:, :T], mask, 0 if self.use_cache else None)
         self.stats.prefill_s = time.perf_counter() - t0
 
     @torch.inference_mode()
-    def _sample(self, last):
+    def _sample(self):
         """Sample one token per active row; -> (events, batch indices of the rows still going)."""
         logits = self.next_logits
         tokens = sample_next(logits, generator=self.generator, **self.sampling)  # (B,)
@@ -291,34 +344,13 @@ class GenerationStream:
         for i, (r, tok) in enumerate(zip(self.rows, tokens.tolist())):
             if self.return_logits:
                 self.logits[r].append(logits[i].cpu())
-            events += self._accept(r, tok, last)
-            if self.finish[r] is None:
+            c = self.completions[r]
+            events += [Event(r, t, None) for t in c.add(tok)]
+            if c.finish_reason is None:
                 keep.append(i)
+            else:
+                events.append(Event(r, None, c.finish_reason))
         return events, keep
-
-    def _accept(self, r, tok, last):
-        """Add token `tok` to prompt r's completion; -> the events it releases."""
-        out, finish, text = self.completions[r], None, None
-        if tok == self.eot:
-            finish = "stop"
-        else:
-            out.append(tok)
-        n = len(out)
-        if self.stop and finish is None:
-            n, text = _stop_cut(self.tokenizer, out, self.stop)
-            if text is not None:
-                finish, self.texts[r] = "stop", text
-                del out[n:]
-        if finish is None and last:
-            finish, n = "length", len(out)
-        elif finish == "stop" and text is None:
-            n = len(out)  # eot: tokens held back for a stop string that never came are released
-        events = [Event(r, t, None) for t in out[self.emitted[r]:n]]
-        self.emitted[r] = n
-        if finish:
-            self.finish[r] = finish
-            events.append(Event(r, None, finish))
-        return events
 
     @torch.inference_mode()
     def _decode(self, keep):
@@ -342,11 +374,7 @@ class GenerationStream:
         if self.use_cache:
             # Move the survivors' cache rows to the front, once: the model then uses the first n rows
             # as plain views. (cache_rows would gather the whole cache again at every step.)
-            n, L = len(keep), self.L
-            for block in self.model.transformer.h:
-                kv = block.attn.kv_cache
-                kv.k[:n, :, :L] = kv.k[idx, :, :L]  # (n, nh, L, hs); the gather copies before writing
-                kv.v[:n, :, :L] = kv.v[idx, :, :L]
+            self.model.keep_kv_rows(idx, self.L)
 
 
 def stream_generate(model, idx, max_new_tokens, **kwargs):
@@ -354,11 +382,12 @@ def stream_generate(model, idx, max_new_tokens, **kwargs):
 
     A token is released as soon as no stop string can begin inside it; each row ends with one
     Event(row, None, "stop" | "length"). Concatenating a row's tokens gives generate()'s tokens.
+    Keyword arguments are generate()'s.
     """
     return GenerationStream(model, idx, max_new_tokens, **kwargs)
 
 
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, stop=None,
+def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, use_cache=True, stop=None,
              seed=None, eot_token=None, tokenizer=None, attention_mask=None, autocast_dtype=None,
              return_logits=False, adapter_names=None):
     """Sample up to max_new_tokens new tokens for each prompt -> Generation.
@@ -373,8 +402,10 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     adapter_names: one adapter name per prompt ("__base__" for none), PEFT's mixed-adapter batch:
     the base matmuls run once for the batch and each row adds its own adapter's update.
     """
-    stream = GenerationStream(model, idx, max_new_tokens, temperature, top_k, top_p, use_cache, stop, seed,
-                              eot_token, tokenizer, attention_mask, autocast_dtype, return_logits, adapter_names)
+    stream = GenerationStream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                              use_cache=use_cache, stop=stop, seed=seed, eot_token=eot_token, tokenizer=tokenizer,
+                              attention_mask=attention_mask, autocast_dtype=autocast_dtype,
+                              return_logits=return_logits, adapter_names=adapter_names)
     for _ in stream:
         pass
     return stream.result()

@@ -4,6 +4,9 @@
     model = GPT.from_pretrained("path/to/dir")   # config.json + model.safetensors (or pytorch_model.bin)
     model.save_pretrained("out/merged")          # the same layout, readable by any GPT-2 loader
 
+This module turns files into (GPTConfig, state dict) and back (read_checkpoint, write_checkpoint);
+it never builds a model, so model.py can build on it.
+
 The directory layout is the one transformers' GPT2LMHeadModel reads and writes:
 
     config.json        GPT-2's field names (n_embd, n_layer, n_head, n_positions, vocab_size, ...);
@@ -36,7 +39,6 @@ import torch
 from minilora.config import GPTConfig
 from minilora.errors import MiniloraError
 from minilora.fileio import atomic_directory, atomic_open
-from minilora.model import GPT
 from minilora.safetensors import load_file, save_file
 from minilora.tokenizer import get_tokenizer
 
@@ -261,37 +263,29 @@ def _as_dtype(dtype):
     return dtype
 
 
-def load_pretrained(name_or_dir, dtype=None, device=None, dropout=None):
-    """An HF-format GPT-2 directory, or a hub name downloaded once, as a GPT in eval mode.
+def read_checkpoint(name_or_dir, dtype=None, device=None, dropout=None):
+    """An HF-format GPT-2 directory, or a hub name downloaded once -> (GPTConfig, our state dict).
 
     dtype defaults to float32 whatever the file stores (as transformers does); device to "cpu";
-    dropout to the checkpoint's minilora setting, 0.0 for plain GPT-2 checkpoints.
+    dropout to the checkpoint's minilora setting, 0.0 for plain GPT-2 checkpoints. GPT.from_pretrained
+    builds the model from these.
     """
     path = resolve(name_or_dir)
     config = read_config(os.path.join(path, CONFIG_FILE), dropout)
     tensors, where = _read_weights(path)
-    sd = _from_hf(_check(tensors, config, where), config, _as_dtype(dtype or torch.float32), device or "cpu")
-    with torch.device("meta"):  # shapes only: no time spent on a random init we would overwrite
-        model = GPT(config)
-    model.load_state_dict(sd, strict=True, assign=True)
-    # assign=True gives each module its own new Parameter, so wte and lm_head are two again: re-tie.
-    model.transformer.wte.weight = model.lm_head.weight
-    return model.eval()
+    return config, _from_hf(_check(tensors, config, where), config, _as_dtype(dtype or torch.float32), device or "cpu")
 
 
-def save_pretrained(model, save_dir):
-    """Write config.json + model.safetensors in the HF GPT-2 layout, replacing save_dir in one rename."""
-    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model saves its original
-    lora = next((name for name, m in model.named_modules() if hasattr(m, "base_layer")), None)
-    if lora is not None:
-        raise MiniloraError(f"model still has LoRA layers ({lora}); call minilora.lora.merge_and_unload(model) "
-                            "first, or save the adapter alone with save_adapter")
-    config, sd = model.config, model.state_dict()
-    with torch.device("meta"):  # the names a plain GPT of this config has, for free
-        names = set(GPT(config).state_dict())
-    if set(sd) != names:
-        raise MiniloraError(f"model is not a plain GPT: unexpected {sorted(set(sd) - names)[:5]}, "
-                            f"missing {sorted(names - set(sd))[:5]}; merge or remove extra modules first")
+def write_checkpoint(config, state_dict, save_dir):
+    """Write config.json + model.safetensors in the HF GPT-2 layout, replacing save_dir in one rename.
+
+    state_dict is a plain GPT's (GPT.save_pretrained checks that); lm_head is tied to wte and not written.
+    """
+    sd = state_dict
+    expected = {"transformer." + k for k in _ours(config)}
+    if set(sd) != expected | {"lm_head.weight"}:
+        raise MiniloraError(f"model is not a plain GPT: unexpected {sorted(set(sd) - expected - {'lm_head.weight'})[:5]}, "
+                            f"missing {sorted(expected - set(sd))[:5]}; merge or remove extra modules first")
     if any(t.is_meta for t in sd.values()):
         raise MiniloraError("model has parameters on the meta device (no data); load real weights first")
     if not torch.equal(sd["lm_head.weight"], sd["transformer.wte.weight"]):
@@ -312,6 +306,16 @@ def save_pretrained(model, save_dir):
             json.dump(hf_config, f, indent=2)
             f.write("\n")
         save_file(_to_hf(sd, config), os.path.join(tmp, SAFETENSORS_FILE), metadata={"format": "pt"})
+
+
+def _ours(config):
+    """Our parameter names under transformer. for `config` (what _from_hf produces, lm_head aside)."""
+    names = ["wte.weight", "wpe.weight", "ln_f.weight"] + (["ln_f.bias"] if config.bias else [])
+    kinds = ["ln_1", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "ln_2", "mlp.fc_in", "mlp.fc_out"]
+    for i in range(config.n_layer):
+        for k in kinds:
+            names += [f"h.{i}.{k}.weight"] + ([f"h.{i}.{k}.bias"] if config.bias else [])
+    return names
 
 # -----------------------------------------------------------------------------
 # download

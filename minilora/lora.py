@@ -5,10 +5,12 @@
 A starts random and B starts at zero, so training begins exactly at the pretrained model.
 Only A and B get gradients; W never changes. After training, W + (alpha/r) B A can be folded
 into W (`merge`) so inference costs nothing extra, or kept apart so one base serves many
-adapters (`set_adapter`).
+adapters (minilora.adapters).
 
 Names follow PEFT so tutorials read the same: `LoraConfig(r, lora_alpha, target_modules, ...)`,
-`model.peft_config`, `lora_A`/`lora_B`/`base_layer` in the state dict.
+`model.peft_config`, `lora_A`/`lora_B`/`base_layer` in the state dict. This page is the math;
+several adapters (set / delete / disable / weighted / per-row) are minilora.adapters, and the
+PEFT file format is minilora.adapter_files.
 
 Precision: adapter weights are created in fp32 even when the base is bf16/fp16 (small, and
 fp32 keeps tiny updates from rounding away); the forward casts x to the adapter dtype and the
@@ -22,8 +24,6 @@ shared by every adapter and are not undone by disable_adapter/delete_adapter. GP
 is tied to transformer.wte: saving lm_head trains the input embedding too (one tensor).
 """
 
-import contextlib
-import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -32,10 +32,10 @@ import torch
 import torch.nn as nn
 
 from minilora.errors import MiniloraError
+from minilora.targets import find_modules, find_targets
 
 BIAS_MODES = ("none", "all", "lora_only")
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
-_BLOCK = re.compile(r"transformer\.h\.(\d+)\.")  # a module path inside block i of GPT
 
 
 @dataclass
@@ -98,45 +98,6 @@ class LoraConfig:
             if getattr(self, name) is not None:
                 setattr(self, name, list(getattr(self, name)))
 
-    def to_peft_dict(self):
-        """PEFT's adapter_config.json, with the keys PEFT has written since v0.10 so any recent PEFT loads it."""
-        return {
-            "peft_type": "LORA", "auto_mapping": None, "base_model_name_or_path": self.base_model_name_or_path,
-            "revision": None, "task_type": self.task_type, "inference_mode": True,  # as PEFT's save_pretrained writes
-            "r": self.r, "target_modules": self.target_modules if isinstance(self.target_modules, str)
-            else list(self.target_modules), "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
-            "fan_in_fan_out": False, "bias": self.bias, "use_rslora": self.use_rslora,
-            "modules_to_save": None if self.modules_to_save is None else list(self.modules_to_save),
-            "init_lora_weights": self.init_lora_weights,
-            "layers_to_transform": None if self.layers_to_transform is None else list(self.layers_to_transform),
-            "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "megatron_config": None,
-            "megatron_core": "megatron.core", "loftq_config": {}, "use_dora": False, "layer_replication": None,
-        }
-
-    @classmethod
-    def from_peft_dict(cls, d):
-        """A LoraConfig from PEFT's adapter_config.json dict; unknown keys are ignored, features we lack refused.
-
-        fan_in_fan_out (HF GPT-2's Conv1D layout) is accepted: minilora.adapter_files reads it from the dict.
-        """
-        if not isinstance(d, dict):
-            raise MiniloraError(f"adapter config must be a JSON object, got {type(d).__name__}")
-        if d.get("peft_type", "LORA") != "LORA":
-            raise MiniloraError(f"adapter config has peft_type {d['peft_type']!r}; minilora loads only LORA adapters")
-        for key in ("use_dora", "lora_bias", "rank_pattern", "alpha_pattern", "layer_replication", "loftq_config",
-                    "megatron_config", "exclude_modules", "trainable_token_indices"):
-            # each of these changes the model PEFT builds; loading it as plain LoRA would be silently wrong
-            if d.get(key) not in (None, False, {}, []):
-                raise MiniloraError(f"adapter config sets {key}={d[key]!r}, which minilora does not implement; "
-                                    f"retrain or convert the adapter without it")
-        if d.get("layers_pattern") not in (None, "h", ["h"]):
-            raise MiniloraError(f"adapter config layers_pattern {d['layers_pattern']!r} is unknown; minilora's blocks are transformer.h")
-        for key in ("fan_in_fan_out", "inference_mode"):
-            if key in d and not isinstance(d[key], bool):
-                raise MiniloraError(f"adapter config {key} must be true or false, got {d[key]!r}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        return cls(**{k: d[k] for k in names if k in d})
-
 
 def _is_int(x):
     return isinstance(x, int) and not isinstance(x, bool)
@@ -147,7 +108,8 @@ def _fp32(t):
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _check_adapter_name(name):
+def check_adapter_name(name):
+    """Adapter names key nn.ModuleDicts, so no '.'; BASE_ADAPTER means "no adapter"."""
     if not isinstance(name, str) or not name or "." in name or name == BASE_ADAPTER:
         raise MiniloraError(f"adapter name must be a non-empty string without '.', other than {BASE_ADAPTER!r}, "
                             f"got {name!r}")
@@ -167,10 +129,11 @@ class LoRALinear(nn.Module):
         self.active_adapters = []  # applied in forward, in this order
         self.merged_adapters = []  # already folded into base_layer.weight, so skipped in forward
         self.disable_adapters = False
-        self.row_groups = None  # in a mixed-adapter batch: adapter name -> (n,) batch rows, see row_adapters()
+        self.rows = None  # during a mixed-adapter forward: adapters.RowAdapters, which routes each row
+        self.stacked = None  # RowAdapters' cache: every slot's A and B side by side
 
     def add_adapter(self, name, r, lora_alpha, lora_dropout=0.0, use_rslora=False, init_lora_weights=True):
-        _check_adapter_name(name)
+        check_adapter_name(name)
         if name in self.lora_A:
             raise MiniloraError(f"adapter {name!r} already exists in this layer; delete it first or choose another name")
         if not _is_int(r) or r <= 0:
@@ -197,34 +160,14 @@ class LoRALinear(nn.Module):
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
     def lora_update(self, x, name):
-        """scaling * B(A(dropout(x))) for one adapter: the low-rank path, computed in the adapter's dtype.
-
-        Kept as one method so a per-row variant (mixed adapters in one batch) can sit beside it.
-        """
+        """scaling * B(A(dropout(x))) for one adapter: the low-rank path, computed in the adapter's dtype."""
         A = self.lora_A[name]
         return self.lora_B[name](A(self.lora_dropout[name](x.to(A.weight.dtype)))) * self.scaling[name]
 
-    def mixed_update(self, x, result):
-        """result + each batch row's own adapter update (row_groups), rows on BASE_ADAPTER untouched.
-
-        Rows are grouped by adapter (SGMV, Punica's segmented kernel): each adapter present costs
-        one index_select, its own two small matmuls at its own rank on its own rows, and one
-        index_add. On a CPU that is the cheapest exact choice here: padded prefill batches have
-        B x T rows, where stacking every adapter for every row (multi_lora.SlotLoRALinear's
-        decode kernel) would multiply the low-rank work by the number of adapters, and gathering
-        per-row A/B copies them once per row. Rows of no group are never written: bit-identical
-        to the base layer.
-        """
-        for name, rows in self.row_groups.items():
-            if name in self.lora_A:  # an adapter that does not target this layer adds nothing here
-                delta = self.lora_update(x.index_select(0, rows), name)  # (n, ..., out) for its n rows
-                result = result.index_add(0, rows, delta.to(result.dtype))
-        return result
-
     def forward(self, x):
         result = self.base_layer(x)
-        if self.row_groups is not None:
-            return self.mixed_update(x, result)
+        if self.rows is not None:  # one batch, an adapter per row (adapters.adapter_rows)
+            return self.rows.forward(self, x, result)
         if self.disable_adapters:
             return result  # disabled adapters cost nothing: no low-rank compute at all
         for name in self.active_adapters:
@@ -232,11 +175,13 @@ class LoRALinear(nn.Module):
                 result = result + self.lora_update(x, name).to(result.dtype)
         return result
 
+    # ---- merging ---------------------------------------------------------------------------------
+
     def delta_weight(self, name):
         """scaling * B @ A as an (out, in) tensor in fp32 (fp64 for an fp64 adapter)."""
         return (_fp32(self.lora_B[name].weight) @ _fp32(self.lora_A[name].weight)) * self.scaling[name]
 
-    def _to_merge(self, adapter_names=None):
+    def to_merge(self, adapter_names=None):
         names = self.active_adapters if adapter_names is None else adapter_names
         return [n for n in names if n in self.lora_A and n not in self.merged_adapters]
 
@@ -245,17 +190,13 @@ class LoRALinear(nn.Module):
         w = self.base_layer.weight
         return (_fp32(w) + sum(self.delta_weight(n) for n in names)).to(w.dtype)
 
-    def merge(self, adapter_names=None, safe_merge=False):
+    def merge(self, adapter_names=None):
         """Fold adapters (default: the active ones) into base_layer.weight; merging twice is a no-op."""
-        names = self._to_merge(adapter_names)
-        if not names:
-            return
-        new = self.merged_weight(names)
-        if safe_merge and not torch.isfinite(new).all():
-            raise MiniloraError(f"safe_merge: adapter(s) {', '.join(names)} give non-finite weights; nothing was merged")
-        with torch.no_grad():
-            self.base_layer.weight.copy_(new)
-        self.merged_adapters += names
+        names = self.to_merge(adapter_names)
+        if names:
+            with torch.no_grad():
+                self.base_layer.weight.copy_(self.merged_weight(names))
+            self.merged_adapters += names
 
     def unmerge(self):
         if not self.merged_adapters:
@@ -275,118 +216,124 @@ def lora_layers(model):
             yield path, m
 
 
-def _leaf_names(paths):
-    return ", ".join(dict.fromkeys(p.rsplit(".", 1)[-1] for p in paths))  # distinct, in model order
-
-
-def _matches(target, path):
-    """PEFT's rule for a listed name: the full module path, or a dotted suffix of it ('attn.q_proj')."""
-    return path == target or path.endswith("." + target)
-
-
-def _find_targets(model, config):
-    wrapped = {id(m.base_layer) for _, m in lora_layers(model)}
-    linears = [p for p, m in model.named_modules()
-               if isinstance(m, LoRALinear) or isinstance(m, nn.Linear) and id(m) not in wrapped]
-    candidates, where = linears, ""
-    if config.layers_to_transform is not None:
-        block = {p: int(m.group(1)) for p in linears if (m := _BLOCK.match(p))}
-        missing = sorted(set(config.layers_to_transform) - set(block.values()))
-        if missing:
-            raise MiniloraError(f"layers_to_transform {missing} names blocks this model lacks "
-                                f"(it has transformer.h.0 .. {max(block.values(), default=-1)})")
-        candidates = [p for p in linears if block.get(p) in config.layers_to_transform]
-        where = f" in blocks {config.layers_to_transform}"
-    tm, unmatched = config.target_modules, []
-    if tm == "all-linear":  # PEFT's meaning: every linear layer except the output head
-        found = [p for p in candidates if p.rsplit(".", 1)[-1] != "lm_head"]
-    elif isinstance(tm, str):
-        found = [p for p in candidates if re.fullmatch(tm, p)]
-    else:
-        found = [p for p in candidates if any(_matches(t, p) for t in tm)]
-        unmatched = [t for t in tm if not any(_matches(t, p) for p in candidates)]
-    hint = (f"; the model's nn.Linear modules are: {_leaf_names(linears)} "
-            f"(give names, dotted suffixes like 'attn.q_proj', a regex string, or 'all-linear')")
-    if not found:
-        raise MiniloraError(f"target_modules {tm!r} matched no nn.Linear{where}{hint}")
-    if unmatched:
-        raise MiniloraError(f"target_modules {unmatched} matched no nn.Linear{where} (a typo?){hint}")
-    if "" in found:
-        raise MiniloraError("cannot wrap the model itself; put the nn.Linear inside a container module")
-    return found
-
-
-def _find_modules(model, names):
-    """The modules named in modules_to_save (same name/suffix rule), every name required to match."""
-    paths = [p for p, _ in model.named_modules() if p]
-    unmatched = [n for n in names if not any(_matches(n, p) for p in paths)]
-    if unmatched:
-        raise MiniloraError(f"modules_to_save {unmatched} matched no module; module names include: "
-                            f"{_leaf_names(p for p, m in model.named_modules() if p and list(m.parameters(recurse=False)))}")
-    return [model.get_submodule(p) for p in paths if any(_matches(n, p) for n in names)]
-
-
-def _set_module(model, path, module):
+def set_module(model, path, module):
     parent, _, leaf = path.rpartition(".")
     setattr(model.get_submodule(parent), leaf, module)
 
 
-def _refuse_if_merged(model, action):
+def refuse_if_merged(model, action):
     merged = sorted({n for _, layer in lora_layers(model) for n in layer.merged_adapters})
     if merged:
         raise MiniloraError(f"cannot {action} while adapter(s) {', '.join(merged)} are merged; call unmerge(model) first")
 
 
-def apply_lora(model, config, adapter_name="default"):
+def apply_lora(model, config, adapter_name="default", *, activate=True):
     """Wrap the targeted linears with adapter `adapter_name`, make it the active one, freeze the rest.
 
     Like get_peft_model: afterwards only this adapter's A/B (plus modules_to_save and biases per
     config.bias) require grad. A second adapter name adds to the same LoRALinear modules.
+    activate=False adds it without changing the active set (serving, load_adapter).
     """
     if not isinstance(config, LoraConfig):
         raise MiniloraError(f"apply_lora needs a LoraConfig, got {type(config).__name__}")
-    _check_adapter_name(adapter_name)
+    check_adapter_name(adapter_name)
     configs = getattr(model, "peft_config", {})
     if adapter_name in configs:
         raise MiniloraError(f"adapter {adapter_name!r} already exists; delete_adapter it first or choose another name")
-    _refuse_if_merged(model, "add an adapter")
-    targets = _find_targets(model, config)
-    _find_modules(model, config.modules_to_save or [])  # check the names before changing anything
+    refuse_if_merged(model, "add an adapter")
+    targets = find_targets(model, config.target_modules, config.layers_to_transform)
+    find_modules(model, config.modules_to_save or [])  # check the names before changing anything
     for path in targets:
         layer = model.get_submodule(path)
         if not isinstance(layer, LoRALinear):
             layer = LoRALinear(layer)
-            _set_module(model, path, layer)
+            layer.train(model.training)
+            set_module(model, path, layer)
         layer.add_adapter(adapter_name, config.r, config.lora_alpha, config.lora_dropout,
                           config.use_rslora, config.init_lora_weights)
     model.peft_config = {**configs, adapter_name: config}
-    set_adapter(model, adapter_name)
+    activate_adapters(model, [adapter_name] if activate else active_adapters(model))
     return model
 
 
-def _active(model):
-    return next((layer.active_adapters for _, layer in lora_layers(model)), [])
+def active_adapters(model):
+    return next((list(layer.active_adapters) for _, layer in lora_layers(model)), [])
 
 
-def _mark_trainable(model):
-    """requires_grad follows the active set: its A/B, modules_to_save, and biases per `bias`."""
-    model.requires_grad_(False)
-    active = _active(model)
+def activate_adapters(model, names):
+    """Make `names` (summed) the active set; requires_grad follows it: their A/B, modules_to_save,
+    and biases per `bias`. adapters.set_adapter is the checked, public form."""
     for _, layer in lora_layers(model):
-        for name in active:
+        layer.active_adapters = list(names)  # a layer lacking one of them simply skips it
+    model.requires_grad_(False)
+    for _, layer in lora_layers(model):
+        for name in names:
             if name in layer.lora_A:
                 layer.lora_A[name].requires_grad_(True)
                 layer.lora_B[name].requires_grad_(True)
                 if model.peft_config[name].bias == "lora_only" and layer.base_layer.bias is not None:
                     layer.base_layer.bias.requires_grad_(True)
-    for name in active:
+    for name in names:
         config = model.peft_config[name]
         if config.bias == "all":
             for pname, p in model.named_parameters():
                 if pname.endswith("bias"):
                     p.requires_grad_(True)
-        for module in _find_modules(model, config.modules_to_save or []):
+        for module in find_modules(model, config.modules_to_save or []):
             module.requires_grad_(True)
+
+
+# ---- merging -------------------------------------------------------------------------------------
+
+def _tied(model):
+    """Ids of parameters that more than one module owns (GPT-2's lm_head.weight is transformer.wte.weight)."""
+    seen, tied = set(), set()
+    for _, p in model.named_parameters(remove_duplicate=False):
+        (tied if id(p) in seen else seen).add(id(p))
+    return tied
+
+
+def merge(model, safe_merge=False, adapter_names=None):
+    """Fold adapters (default: the active set) into the base weights. Idempotent; never done implicitly.
+
+    safe_merge=True computes every merged weight on a copy first and raises, leaving the model
+    untouched, if any would be NaN/inf.
+    """
+    if adapter_names is not None:
+        known = getattr(model, "peft_config", {})
+        unknown = [n for n in adapter_names if n not in known]
+        if unknown:
+            raise MiniloraError(f"unknown adapter(s) {unknown}; this model has: {', '.join(known) or 'none'}")
+    layers = list(lora_layers(model))
+    tied = _tied(model)
+    for path, layer in layers:
+        if layer.to_merge(adapter_names) and id(layer.base_layer.weight) in tied:
+            raise MiniloraError(f"{path}'s weight is tied to another module (GPT-2's lm_head is transformer.wte); "
+                                f"merging would change both, so keep this adapter unmerged")
+    if safe_merge:  # check all layers before writing any, so a bad adapter leaves the whole model unchanged
+        for path, layer in layers:
+            names = layer.to_merge(adapter_names)
+            if names and not torch.isfinite(layer.merged_weight(names)).all():
+                raise MiniloraError(f"safe_merge: adapter(s) {', '.join(names)} give non-finite weights in {path}; "
+                                    f"nothing was merged (check the adapter for NaN/inf)")
+    for _, layer in layers:
+        layer.merge(adapter_names)
+
+
+def unmerge(model):
+    """Subtract every merged adapter again (exact up to fp32 rounding for fp32 weights)."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def merge_and_unload(model, safe_merge=False):
+    """Merge the active adapters and return the plain GPT (same object): only base keys, all trainable."""
+    merge(model, safe_merge=safe_merge)
+    for path, layer in list(lora_layers(model)):
+        set_module(model, path, layer.base_layer)
+    del model.peft_config
+    model.requires_grad_(True)
+    return model
 
 
 # ---- trainable-parameter report ------------------------------------------------------------------
@@ -410,206 +357,3 @@ def print_trainable_parameters(model):
     trainable, total = count_parameters(model)
     print(trainable_line(trainable, total))
     return trainable, total
-
-
-# ---- several adapters ----------------------------------------------------------------------------
-
-def _check_known(model, names):
-    known = getattr(model, "peft_config", {})
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise MiniloraError(f"unknown adapter(s) {unknown}; this model has: {', '.join(known) or 'none'}")
-
-
-def set_adapter(model, adapter_name):
-    """Make `adapter_name` (a name or a list of names, summed) the active set; only it is trainable."""
-    names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-    _check_known(model, names)
-    merged = {n for _, layer in lora_layers(model) for n in layer.merged_adapters}
-    if not merged <= set(names):
-        _refuse_if_merged(model, "switch adapters")
-    for _, layer in lora_layers(model):
-        layer.active_adapters = list(names)  # a layer lacking one of them simply skips it
-    _mark_trainable(model)
-
-
-def check_row_adapters(model, adapter_names, batch_size):
-    """Refuse a mixed-adapter batch before any compute: one known name (or BASE_ADAPTER) per row."""
-    names = list(adapter_names) if isinstance(adapter_names, (list, tuple)) else None
-    if names is None or not all(isinstance(n, str) for n in names):
-        raise MiniloraError(f"adapter_names must be a list of adapter names, one per row, got {adapter_names!r}")
-    if len(names) != batch_size:
-        raise MiniloraError(f"adapter_names has {len(names)} names for {batch_size} rows; give one per row "
-                            f"({BASE_ADAPTER!r} for the base model)")
-    _check_known(model, sorted({n for n in names if n != BASE_ADAPTER}))
-    _refuse_if_merged(model, "run a mixed-adapter batch (a merged adapter would apply to every row)")
-    return names
-
-
-@contextlib.contextmanager
-def row_adapters(model, adapter_names):
-    """`with row_adapters(model, ["sql", "__base__", "quotes"]):` every forward inside gives batch
-    row i the adapter adapter_names[i] alone (PEFT's adapter_names=), whatever set_adapter says."""
-    names = check_row_adapters(model, adapter_names, len(adapter_names))
-    device = next(model.parameters()).device
-    groups = {}
-    for i, n in enumerate(names):
-        if n != BASE_ADAPTER:
-            groups.setdefault(n, []).append(i)
-    groups = {n: torch.tensor(rows, device=device) for n, rows in groups.items()}  # (n,) rows of each adapter
-    with _set_on_layers(model, "row_groups", groups):
-        yield model
-
-
-@contextlib.contextmanager
-def disable_adapter(model):
-    """`with disable_adapter(model):` runs the base model; adapters come back on exit, even after an error."""
-    _refuse_if_merged(model, "disable adapters")
-    with _set_on_layers(model, "disable_adapters", True):
-        yield model
-
-
-@contextlib.contextmanager
-def _set_on_layers(model, attr, value):
-    """Set `attr` on every LoRALinear for the with-block, then give each layer back its own value."""
-    layers = [layer for _, layer in lora_layers(model)]
-    before = [getattr(layer, attr) for layer in layers]
-    for layer in layers:
-        setattr(layer, attr, value)
-    try:
-        yield model
-    finally:
-        for layer, old in zip(layers, before):
-            setattr(layer, attr, old)
-
-
-def delete_adapter(model, adapter_name):
-    """Remove an adapter and free its tensors; layers left without adapters become plain nn.Linear again."""
-    _check_known(model, [adapter_name])
-    _refuse_if_merged(model, "delete an adapter")
-    for path, layer in list(lora_layers(model)):
-        if adapter_name in layer.lora_A:
-            layer.delete_adapter(adapter_name)
-        layer.active_adapters = [n for n in layer.active_adapters if n != adapter_name]  # may leave none active
-        if not layer.lora_A:
-            _set_module(model, path, layer.base_layer)
-    del model.peft_config[adapter_name]
-    _mark_trainable(model)
-
-
-def add_weighted_adapter(model, adapters, weights, adapter_name, combination_type="linear"):
-    """A new adapter combining existing ones (PEFT's semantics); it is added, not activated.
-
-    "cat": A = concat_i(w_i * s_i * A_i), B = concat_i(B_i), rank = sum of ranks, scaling 1, so
-        B @ A = sum_i w_i * delta_i exactly.
-    "linear": A = sum_i sqrt(w_i) * s_i * A_i, B = sum_i sqrt(w_i) * B_i at the common rank; the
-        cross terms B_i A_j mean this is not the sum of deltas (use "cat" for that).
-    """
-    adapters, weights = list(adapters), list(weights)
-    _check_known(model, adapters)
-    _check_adapter_name(adapter_name)
-    if adapter_name in model.peft_config:
-        raise MiniloraError(f"adapter {adapter_name!r} already exists; choose another name")
-    if not adapters or len(adapters) != len(weights):
-        raise MiniloraError(f"add_weighted_adapter needs one weight per adapter, got {len(adapters)} adapters "
-                            f"and {len(weights)} weights")
-    if combination_type not in ("linear", "cat"):
-        raise MiniloraError(f"combination_type must be 'linear' or 'cat', got {combination_type!r}")
-    ranks = [model.peft_config[a].r for a in adapters]
-    if combination_type == "linear":
-        if len(set(ranks)) > 1:
-            raise MiniloraError(f"combination_type='linear' needs adapters of the same rank, got "
-                                f"{dict(zip(adapters, ranks))}; use combination_type='cat' to concatenate ranks")
-        if any(w < 0 for w in weights):
-            raise MiniloraError(f"combination_type='linear' scales by sqrt(weight), so weights must be >= 0, got {weights}")
-    first = model.peft_config[adapters[0]]
-    new_r = ranks[0] if combination_type == "linear" else sum(ranks)
-    paths = []
-    for path, layer in lora_layers(model):
-        if not any(a in layer.lora_A for a in adapters):
-            continue
-        # alpha = r gives scaling 1: each source adapter's scaling is folded into A below
-        layer.add_adapter(adapter_name, new_r, new_r, first.lora_dropout, init_lora_weights=False)
-        A, B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
-        with torch.no_grad():
-            A.zero_()
-            B.zero_()
-            start = 0
-            for a, w, r in zip(adapters, weights, ranks):
-                if a in layer.lora_A:
-                    src_A, src_B, s = layer.lora_A[a].weight, layer.lora_B[a].weight, layer.scaling[a]
-                    if combination_type == "linear":
-                        A += math.sqrt(w) * s * src_A
-                        B += math.sqrt(w) * src_B
-                    else:
-                        A[start:start + r] = w * s * src_A  # rows of A: (r_i, in)
-                        B[:, start:start + r] = src_B  # columns of B: (out, r_i)
-                start += r  # an adapter missing here leaves its block at zero
-        paths.append(path)
-    model.peft_config[adapter_name] = dataclasses.replace(
-        first, r=new_r, lora_alpha=new_r, use_rslora=False, target_modules=paths, layers_to_transform=None)
-    _mark_trainable(model)  # the new A/B were created trainable; only the active set should be
-
-
-# ---- merging -------------------------------------------------------------------------------------
-
-def _tied(model):
-    """Ids of parameters that more than one module owns (GPT-2's lm_head.weight is transformer.wte.weight)."""
-    seen, tied = set(), set()
-    for _, p in model.named_parameters(remove_duplicate=False):
-        (tied if id(p) in seen else seen).add(id(p))
-    return tied
-
-
-def merge(model, safe_merge=False, adapter_names=None):
-    """Fold adapters (default: the active set) into the base weights. Idempotent; never done implicitly.
-
-    safe_merge=True computes every merged weight on a copy first and raises, leaving the model
-    untouched, if any would be NaN/inf.
-    """
-    if adapter_names is not None:
-        _check_known(model, adapter_names)
-    layers = list(lora_layers(model))
-    tied = _tied(model)
-    for path, layer in layers:
-        if layer._to_merge(adapter_names) and id(layer.base_layer.weight) in tied:
-            raise MiniloraError(f"{path}'s weight is tied to another module (GPT-2's lm_head is transformer.wte); "
-                                f"merging would change both, so keep this adapter unmerged")
-    if safe_merge:  # check all layers before writing any, so a bad adapter leaves the whole model unchanged
-        for path, layer in layers:
-            names = layer._to_merge(adapter_names)
-            if names and not torch.isfinite(layer.merged_weight(names)).all():
-                raise MiniloraError(f"safe_merge: adapter(s) {', '.join(names)} give non-finite weights in {path}; "
-                                    f"nothing was merged (check the adapter for NaN/inf)")
-    for _, layer in layers:
-        layer.merge(adapter_names)
-
-
-def unmerge(model):
-    """Subtract every merged adapter again (exact up to fp32 rounding for fp32 weights)."""
-    for _, layer in lora_layers(model):
-        layer.unmerge()
-
-
-def merge_and_unload(model, safe_merge=False):
-    """Merge the active adapters and return the plain GPT (same object): only base keys, all trainable."""
-    merge(model, safe_merge=safe_merge)
-    for path, layer in list(lora_layers(model)):
-        _set_module(model, path, layer.base_layer)
-    del model.peft_config
-    model.requires_grad_(True)
-    return model
-
-
-# ---- adapter files (minilora.adapter_files, imported on use: it builds on this module) ------------
-
-def save_adapter(*args, **kwargs):
-    """See minilora.adapter_files.save_adapter: a PEFT-format adapter directory."""
-    from minilora.adapter_files import save_adapter as save
-    return save(*args, **kwargs)
-
-
-def load_adapter(*args, **kwargs):
-    """See minilora.adapter_files.load_adapter."""
-    from minilora.adapter_files import load_adapter as load
-    return load(*args, **kwargs)

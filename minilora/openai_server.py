@@ -25,7 +25,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from minilora.errors import MiniloraError
-from minilora.multi_lora import BASE
+from minilora.lora import BASE_ADAPTER
 from minilora.serving import Request, Sampling
 
 MAX_BODY_BYTES = 1 << 20
@@ -102,7 +102,7 @@ def parse_completion(body, engine, base_name):
     if seed is not None:
         seed = _number(body, "seed", None, 0, 2**63 - 1 - MAX_CHOICES, integer=True)
     n = _number(body, "n", 1, 1, MAX_CHOICES, integer=True)
-    max_tokens = _number(body, "max_tokens", 16, 1, engine.L, integer=True)
+    max_tokens = _number(body, "max_tokens", 16, 1, engine.max_model_len, integer=True)
     sampling = Sampling(max_tokens=max_tokens, temperature=float(_number(body, "temperature", 1.0, 0, 2)),
                         top_p=float(_number(body, "top_p", 1.0, 1e-9, 1.0)), stop=stop, seed=seed,
                         ignore_eos=ignore_eos)
@@ -111,14 +111,14 @@ def parse_completion(body, engine, base_name):
         raise ApiError(400, f"{len(prompts)} prompts x n={n} is more than {MAX_CHOICES} completions; split the request",
                        "invalid_value", "n")
     longest = max(len(p) for p in prompts)
-    if longest + max_tokens > engine.L:
-        raise ApiError(400, f"This model's maximum context length is {engine.L} tokens, but the prompt has {longest} "
+    if longest + max_tokens > engine.max_model_len:
+        raise ApiError(400, f"This model's maximum context length is {engine.max_model_len} tokens, but the prompt has {longest} "
                             f"and max_tokens is {max_tokens}; shorten the prompt or lower max_tokens",
                        "context_length_exceeded", "max_tokens")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise ApiError(400, "'stream_options' must be an object", "invalid_value", "stream_options")
-    request = Request(BASE if model == base_name else model, prompts, sampling, n=n, model=model)
+    request = Request(BASE_ADAPTER if model == base_name else model, prompts, sampling, n=n, model_name=model)
     request.include_usage = bool(options.get("include_usage"))  # OpenAI: a final usage chunk only on request
     return request, stream
 
@@ -139,15 +139,18 @@ class App:
         paths = self.engine.registry.paths  # a snapshot: the registry replaces it, never mutates it
         card = lambda name, root, parent: {"id": name, "object": "model", "created": self.created.get(name, self.started),
                                            "owned_by": "minilora", "root": root, "parent": parent,
-                                           "max_model_len": self.engine.L}
+                                           "max_model_len": self.engine.max_model_len}
         return {"object": "list", "data": [card(self.base_name, self.base_name, None)] +
                 [card(n, p, self.base_name) for n, p in paths.items()]}
 
     def load(self, body):
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object with 'lora_name' and 'lora_path'", "invalid_json")
         name, path = body.get("lora_name"), body.get("lora_path")
-        if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
-            raise ApiError(400, "'lora_name' and 'lora_path' must be non-empty strings", "invalid_value")
-        if name in (self.base_name, BASE):
+        if not isinstance(name, str) or not name or not isinstance(path, str) or not path or "\x00" in path:
+            raise ApiError(400, "'lora_name' and 'lora_path' must be non-empty strings (no NUL characters)",
+                           "invalid_value")
+        if name in (self.base_name, BASE_ADAPTER):
             raise ApiError(400, f"'{name}' is the base model's name; choose another lora_name", "invalid_value", "lora_name")
         if name in self.engine.registry.paths:
             raise ApiError(400, f"The lora adapter '{name}' has already been loaded; unload it first", "invalid_value",
@@ -156,14 +159,14 @@ class App:
         try:
             weights = self.engine.registry.read(name, real)  # from disk, outside the lock: decoding goes on
             with self.engine.lock:
-                self.engine.registry.add(name, real, weights)
+                self.engine.registry.add(name, real, weights, check=self._allowed)
         except MiniloraError as e:
             raise ApiError(400, str(e), "invalid_value", "lora_path") from None
         self.created[name] = int(time.time())
         return f"Success: LoRA adapter '{name}' added successfully."
 
     def unload(self, body):
-        name = body.get("lora_name")
+        name = body.get("lora_name") if isinstance(body, dict) else None
         if not isinstance(name, str) or name not in self.engine.registry.paths:
             raise ApiError(404, f"The lora adapter '{name}' cannot be found.", "model_not_found", "lora_name")
         with self.engine.lock:
@@ -172,13 +175,24 @@ class App:
         return f"Success: LoRA adapter '{name}' removed successfully."
 
     def _allowed(self, path):
-        """The real path of an adapter directory inside an allowed one: '..' and symlinks resolved first."""
+        """The real path of an adapter directory inside an allowed one: '..' and symlinks resolved first.
+
+        Nothing outside the allowed directories is even listed, so a refusal says nothing about
+        whether that path exists. Also run before every re-read of an evicted adapter."""
+        def inside(p):
+            return any(os.path.commonpath([p, d]) == d for d in self.allowed)
+
+        refuse = ApiError(403, f"'{path}' is outside the directories this server may load adapters from",
+                          "forbidden", "lora_path")
         real = os.path.realpath(path)
-        files = [real] + [os.path.realpath(os.path.join(real, f)) for f in os.listdir(real)] if os.path.isdir(real) else [real]
-        for f in files:
-            if not any(os.path.commonpath([f, d]) == d for d in self.allowed):
-                raise ApiError(403, f"'{path}' is outside the directories this server may load adapters from",
-                               "forbidden", "lora_path")
+        if not inside(real):
+            raise refuse
+        try:
+            files = [os.path.realpath(os.path.join(real, f)) for f in os.listdir(real)] if os.path.isdir(real) else []
+        except OSError as e:
+            raise ApiError(400, f"cannot read adapter directory '{path}': {e.strerror}", "invalid_value", "lora_path") from None
+        if not all(inside(f) for f in files):  # a symlink inside pointing out
+            raise refuse
         return real
 
 
@@ -231,7 +245,7 @@ class Handler(BaseHTTPRequestHandler):
         size = self.headers.get("Content-Length")
         if size is None:
             raise ApiError(411, "a Content-Length header is required", "length_required")
-        if not size.isdigit():
+        if not (size.isascii() and size.isdigit()):  # "²".isdigit() is True, int("²") fails
             raise ApiError(400, f"bad Content-Length {size!r}", "invalid_value")
         if int(size) > self.server.app.max_body:
             raise ApiError(413, f"request body of {size} bytes is over the {self.server.app.max_body}-byte limit",
@@ -290,7 +304,7 @@ class Handler(BaseHTTPRequestHandler):
                 choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": f}
                            for i, (t, f) in enumerate(zip(texts, finish))]
                 return {"id": request.id, "object": "text_completion", "created": request.created,
-                        "model": request.model, "choices": choices, "usage": value}
+                        "model": request.model_name, "choices": choices, "usage": value}
 
     def _stream(self, request):
         self.send_response(200)
@@ -298,7 +312,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Connection", "close")  # HTTP/1.0: the stream ends when the connection does
         self.end_headers()
-        head = {"id": request.id, "object": "text_completion", "created": request.created, "model": request.model}
+        head = {"id": request.id, "object": "text_completion", "created": request.created, "model": request.model_name}
         for kind, i, value in self._events(request):
             if kind == "error":
                 chunk = ApiError(i, value, "server_error").body()
@@ -321,10 +335,28 @@ _ROUTES = {"GET": {"/health", "/v1/models"},
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True  # a stuck client never blocks shutdown
+    # The listen backlog (http.server's default is 5): connections past it were reset at ~30 clients.
+    request_queue_size = 1024
+    max_connections = 256  # handler threads at once; further clients wait in the backlog, never reset
 
     def __init__(self, app, host="127.0.0.1", port=8000, verbose=False):
         self.app, self.verbose = app, verbose
+        self.slots = threading.BoundedSemaphore(self.max_connections)
         super().__init__((host, port), Handler)
+
+    def process_request(self, request, client_address):
+        self.slots.acquire()  # blocks the accept loop, not the clients being served
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
     def handle_error(self, request, client_address):
         # a client that hung up before reading its answer is no server error: no traceback per client on stderr

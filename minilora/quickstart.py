@@ -42,10 +42,15 @@ import threading
 import time
 from dataclasses import dataclass
 
+import torch
+
 from minilora.cli import main_guard, opt, parse_args
 from minilora.errors import MiniloraError
 from minilora.fileio import atomic_directory, atomic_open
-from minilora.tasks import TASKS, make_task, write_corpus, write_jsonl
+from minilora.lora import print_trainable_parameters
+from minilora.tasks import TASKS, exact_match_accuracy, greedy_completions, make_task, write_corpus, write_jsonl
+from minilora.tokenizer import get_tokenizer
+from minilora.trainer import TrainConfig, save_output, start_run, train
 
 
 @dataclass
@@ -125,7 +130,6 @@ def dir_bytes(path, names=None):
 # ---- stage 1: the base model ----------------------------------------------------------------------
 
 def pretrain_config(args, paths):
-    from minilora.trainer import TrainConfig
     n_eval = 4
     return TrainConfig(init_from="scratch", model=args.model, lora_r=0, data=paths["corpus"], val_fraction=0.05,
                        out_dir=paths["base"], max_iters=args.pretrain_iters, batch_size=args.pretrain_batch_size,
@@ -138,18 +142,12 @@ def pretrain_config(args, paths):
 
 def pretrain(cfg):
     """Train the base from scratch (continuing an interrupted attempt); runs in its own process."""
-    from minilora.trainer import build_model, cleanup, load_data, save_output, setup_runtime, train
-    rt = setup_runtime(cfg)
-    try:
-        model, info = build_model(cfg, rt)
-        print(f"base: {cfg.model} preset, {model.num_parameters():,d} parameters, byte-level tokenizer")
-        dataset = load_data(cfg, info["tokenizer"], model.config.block_size, rt)
-        print(f"corpus: {dataset.num_train_tokens:,d} training tokens, {dataset.num_val_tokens:,d} held out")
-        result = train(model, dataset, cfg, rt)
-        save_output(model, cfg, info, rt, result)
+    with start_run(cfg) as run:  # train.py's pipeline
+        print(f"base: {cfg.model} preset, {run.model.num_parameters():,d} parameters, byte-level tokenizer")
+        print(f"corpus: {run.dataset.num_train_tokens:,d} training tokens, {run.dataset.num_val_tokens:,d} held out")
+        result = train(run.model, run.dataset, cfg, run.rt, eval_fn=run.eval_fn)
+        save_output(run.model, cfg, run.info, run.rt, result)
         return {"val_loss": result.val_loss, "elapsed": result.elapsed, "tokens_per_sec": result.tokens_per_sec}
-    finally:
-        cleanup(rt)
 
 
 def base_key(args, paths):
@@ -197,13 +195,6 @@ def ensure_base(args, paths):
 
 def finetune(args, task, paths):
     """Fine-tune one task on the base; runs in its own process and returns the measured figures."""
-    import torch
-
-    from minilora.lora import print_trainable_parameters
-    from minilora.tasks import exact_match_accuracy, greedy_completions
-    from minilora.tokenizer import get_tokenizer
-    from minilora.trainer import TrainConfig, build_model, cleanup, load_data, save_output, setup_runtime, train
-
     t_start = time.time()
     full = args.lora_r == 0
     name = f"{task}-full" if full else task
@@ -215,13 +206,11 @@ def finetune(args, task, paths):
                       val_data=paths[task + "_val"], out_dir=run_dir, max_iters=args.finetune_iters,
                       batch_size=args.batch_size, learning_rate=lr, warmup_iters=min(20, args.finetune_iters // 10),
                       eval_interval=0, eval_iters=4, log_interval=max(1, args.finetune_iters // 10),
-                      checkpoint_interval=args.finetune_iters, seed=args.seed)
-    rt = setup_runtime(cfg)
-    try:
-        model, info = build_model(cfg, rt)
+                      checkpoint_interval=args.finetune_iters, eval_examples=0, seed=args.seed)
+    with start_run(cfg) as run:  # train.py's pipeline; accuracy is scored before and after, not during
+        model, dataset, rt = run.model, run.dataset, run.rt
         trainable, total = print_trainable_parameters(model)
-        tok = get_tokenizer(info["tokenizer"])
-        dataset = load_data(cfg, tok, model.config.block_size, rt)
+        tok = get_tokenizer(run.info.tokenizer)
         val = [{"prompt": p, "completion": c} for p, c in dataset.val_examples]
         # Long enough for the longest reference plus its end-of-text; anything longer is wrong anyway.
         max_new = max(len(tok.encode(ex["completion"])) for ex in val) + 1
@@ -230,7 +219,7 @@ def finetune(args, task, paths):
 
         result = train(model, dataset, cfg, rt)  # accuracy is scored after, so tokens/s is training alone
         acc = exact_match_accuracy(model, tok, val, max_new)
-        save_output(model, cfg, info, rt, result)
+        save_output(model, cfg, run.info, rt, result)
 
         shown = val[:args.n_examples]
         preds = greedy_completions(model, tok, [ex["prompt"] for ex in shown], max_new)
@@ -245,8 +234,6 @@ def finetune(args, task, paths):
                 "peak_rss_mb": result.peak_memory_mb, "wall_s": time.time() - t_start,
                 "n_train": dataset.num_train_examples, "n_val": len(val), "run_dir": run_dir, "examples": examples,
                 "torch_threads": torch.get_num_threads()}
-    finally:
-        cleanup(rt)
 
 
 def publish_adapter(run_dir, adapter_dir):

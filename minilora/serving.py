@@ -5,7 +5,7 @@
     req = engine.submit(Request("sql", [prompt_ids], Sampling(max_tokens=32, temperature=0)))
     for kind, index, value in req: ...   # ("delta", i, text) ... ("finish", i, "stop"|"length"), then ("done", None, usage)
 
-How a step runs. The engine keeps a static KV cache of max_num_seqs rows x max_model_len slots.
+How a step runs. The engine holds the model's KV cache ("rows" kind) of max_num_seqs rows x max_model_len slots.
 A request's sequences (one per prompt and choice) wait in a queue; when a row is free and its
 adapter has (or can get) a slot, the sequence is prefilled alone into that row, and from the
 next step on it is decoded with everyone else: one forward for all rows, whatever their
@@ -18,37 +18,28 @@ length with a per-row mask. Every matmul, attention and LoRA kernel therefore ha
 shapes whatever else is running, and each row's arithmetic is its own: greedy output is
 bit-identical whether a request is served alone or with 15 others (tests/test_serving.py checks
 it). The price: an idle row costs as much as a busy one, so size --max-num-seqs to the load.
+
+The decode bookkeeping (stop strings, end of text, finish reasons, what text is certain) is
+generation.Completion, the same as generate()'s, and adapters go through adapters.adapter_rows,
+the same kernel as generate(adapter_names=...). One request's failure fails only that request:
+a bad sample (NaN logits), an adapter whose files vanished, a client that went away.
 """
 
-import contextlib
 import queue
+import sys
 import threading
 import time
+import traceback
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
+from minilora.adapters import adapter_rows
 from minilora.errors import MiniloraError
-from minilora.generation import _stop_cut, sample_next
-from minilora.model import KVCache
-from minilora.multi_lora import UnknownAdapter
-
-
-class RowKVCache(KVCache):
-    """One layer's keys/values for the engine's rows; attention always sees all max_len slots.
-
-    model.KVCache slices its keys to the longest row written; this returns the whole cache
-    instead, so attention shapes never depend on the other rows (batch-invariant greedy output).
-    """
-
-    def update(self, cache_pos, k, v, rows=None):
-        rows_given = rows is not None
-        rows, _ = self.write_rows(cache_pos, k, v, rows)
-        if not rows_given and k.size(0) == self.k.size(0):
-            return self.k, self.v  # every row: the cache itself, no copy
-        return self.k[rows], self.v[rows]  # (B, nh, max_len, hs)
+from minilora.generation import Completion, sample_next
+from minilora.registry import UnknownAdapter
 
 
 @dataclass
@@ -66,20 +57,25 @@ class Sequence:
 
     def __init__(self, request, index, prompt):
         self.request, self.index, self.prompt = request, index, prompt
-        self.generator = None  # set at prefill, on the model's device
-        self.tokens, self.text, self.sampled = [], "", 0
+        self.completion = None  # a generation.Completion, made at prefill
+        self.generator = None   # set at prefill, on the model's device
+        self.text = ""          # text already sent
         self.row = self.slot = None
         self.pos = 0       # cache slot of the next token fed to the model
         self.last = None   # the token sampled last, fed at the next step
 
 
 class Request:
-    """A completion request: prompts x n sequences; iterate it for its events (see module doc)."""
+    """A completion request: prompts x n sequences; iterate it for its events (see module doc).
 
-    def __init__(self, adapter, prompts, sampling, n=1, model=None):
+    adapter: the registry name serving it (BASE_ADAPTER for the base); model_name: what the
+    client called it, echoed in responses.
+    """
+
+    def __init__(self, adapter, prompts, sampling, n=1, model_name=None):
         self.id = "cmpl-" + uuid.uuid4().hex
         self.created = int(time.time())
-        self.adapter, self.model, self.sampling = adapter, model or adapter, sampling
+        self.adapter, self.model_name, self.sampling = adapter, model_name or adapter, sampling
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.sequences = [Sequence(self, i * n + j, p) for i, p in enumerate(prompts) for j in range(n)]
         self.remaining = len(self.sequences)
@@ -95,14 +91,14 @@ class Request:
                 return
 
     def usage(self):
-        done = sum(s.sampled for s in self.sequences)
+        done = sum(s.completion.sampled for s in self.sequences if s.completion)
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": done, "total_tokens": self.prompt_tokens + done}
 
 
 class Engine:
     """The scheduler: a thread that admits, prefills and decodes; submit() from any thread."""
 
-    def __init__(self, model, tokenizer, registry, max_num_seqs=8, max_model_len=None):
+    def __init__(self, model, tokenizer, registry, *, max_num_seqs=8, max_model_len=None):
         block = model.config.block_size
         max_model_len = block if max_model_len is None else max_model_len
         if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
@@ -113,13 +109,12 @@ class Engine:
             raise MiniloraError(f"tokenizer {tokenizer.name} has {tokenizer.n_vocab} ids but the model only "
                                 f"{model.config.vocab_size}; serve the model with its own tokenizer")
         self.model, self.tokenizer, self.registry = model.eval(), tokenizer, registry
-        self.M, self.L = max_num_seqs, max_model_len
+        self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
         self.device = model.lm_head.weight.device
-        cfg = model.config
-        for blk in model.transformer.h:
-            blk.attn.kv_cache = RowKVCache(self.M, cfg.n_head, self.L, cfg.n_embd // cfg.n_head,
-                                           model.lm_head.weight.dtype, self.device)
-        self.free_rows = list(range(self.M - 1, -1, -1))  # popped from the end: row 0 first
+        # The engine owns the model's cache until stop(): generate() on this model is refused meanwhile.
+        model.setup_kv_cache(max_num_seqs, max_model_len, dtype=model.lm_head.weight.dtype, device=self.device,
+                             kind="rows")
+        self.free_rows = list(range(max_num_seqs - 1, -1, -1))  # popped from the end: row 0 first
         self.running = {}  # row -> Sequence
         self.waiting = deque()
         self.lock = threading.Lock()      # the model and registry: held for a step, or to (un)load an adapter
@@ -133,11 +128,14 @@ class Engine:
         return self
 
     def stop(self):
+        """Stop the scheduler and give the model its KV cache back (generate() works on it again)."""
         with self.wakeup:
             self.stopping = True
             self.wakeup.notify_all()
         if self.thread.is_alive():
             self.thread.join()
+        if self.model.kv_cache_kind == "rows":
+            self.model.clear_kv_cache()
 
     def submit(self, request):
         """Queue a request (already validated, see openai_server.parse_completion); returns it."""
@@ -167,6 +165,8 @@ class Engine:
                     if self.running:
                         self._step()
             except Exception as e:  # a bug must not take the server down: fail what is in flight, go on
+                print(f"minilora scheduler error, failing {len(self.running)} running sequences:", file=sys.stderr)
+                traceback.print_exc()
                 self._fail_all(f"internal error: {type(e).__name__}: {e}")
 
     def _admit(self):
@@ -187,6 +187,10 @@ class Engine:
                 self._dequeue(seq)
                 self._fail(req, 404, str(e))
                 continue
+            except MiniloraError as e:  # an evicted adapter whose files changed or vanished: this request only
+                self._dequeue(seq)
+                self._fail(req, 500, f"adapter {req.adapter!r} cannot be loaded again: {e}")
+                continue
             if slot is None:
                 if not self.running:  # nothing will ever release a slot: every one is pinned
                     self._dequeue(seq)
@@ -202,36 +206,42 @@ class Engine:
         with self.wakeup:
             self.waiting.remove(seq)
 
+    def _rows(self, slots):
+        """adapter_rows for one forward with these per-row slots: fixed slots and rank, fixed shapes."""
+        return adapter_rows(self.model, self.registry.row_names(slots), slots=self.registry.slot_names,
+                            pad_rank=self.registry.max_lora_rank)
+
     def _prefill(self, seq):
-        p, dev = len(seq.prompt), self.device
-        seed = seq.request.sampling.seed
-        if seed is not None:  # seed + index: the n choices of a prompt differ, each reproducible on its own
-            seq.generator = torch.Generator(dev).manual_seed(seed + seq.index)
+        p, dev, s = len(seq.prompt), self.device, seq.request.sampling
+        seq.completion = Completion(max_tokens=s.max_tokens, eot_token=self.tokenizer.eot_token, stop=s.stop,
+                                    tokenizer=self.tokenizer, ignore_eos=s.ignore_eos)
+        if s.seed is not None:  # seed + index: the n choices of a prompt differ, each reproducible on its own
+            seq.generator = torch.Generator(dev).manual_seed(s.seed + seq.index)
         idx = torch.tensor([seq.prompt], device=dev)  # (1, p)
-        slot = torch.arange(self.L, device=dev)
+        slot = torch.arange(self.max_model_len, device=dev)
         mask = (slot[None, :] <= torch.arange(p, device=dev)[:, None])[None, None]  # (1, 1, p, L): causal, own slots
-        with self.registry.rows.use([seq.slot], dev):
+        with self._rows([seq.slot]):
             logits, _ = self.model(idx, pos=torch.arange(p, device=dev)[None], attn_mask=mask, cache_pos=0,
                                    cache_rows=torch.tensor([seq.row], device=dev))
         seq.pos = p
         self._accept(seq, logits[0, -1])
 
     def _step(self):
-        """One decode forward over all M rows (idle rows included: fixed shapes), then sampling."""
+        """One decode forward over all rows (idle rows included: fixed shapes), then sampling."""
         for row, seq in list(self.running.items()):
             if seq.request.cancelled:
                 self._finish(seq, None)
         if not self.running:
             return
-        dev = self.device
-        tokens = torch.zeros(self.M, 1, dtype=torch.long)
-        pos = torch.zeros(self.M, 1, dtype=torch.long)
-        slots = [-1] * self.M
+        dev, M = self.device, self.max_num_seqs
+        tokens = torch.zeros(M, 1, dtype=torch.long)
+        pos = torch.zeros(M, 1, dtype=torch.long)
+        slots = [-1] * M
         for row, seq in self.running.items():
             tokens[row, 0], pos[row, 0], slots[row] = seq.last, seq.pos, seq.slot
         tokens, pos = tokens.to(dev), pos.to(dev)
-        mask = torch.arange(self.L, device=dev)[None, :] <= pos  # (M, L): each row sees its own slots so far
-        with self.registry.rows.use(slots, dev):
+        mask = torch.arange(self.max_model_len, device=dev)[None, :] <= pos  # (M, L): each row sees its own slots
+        with self._rows(slots):
             logits, _ = self.model(tokens, pos=pos, attn_mask=mask[:, None, None, :], cache_pos=pos.view(-1))
         self.steps += 1
         for row, seq in list(self.running.items()):
@@ -239,32 +249,22 @@ class Engine:
             self._accept(seq, logits[row, -1])
 
     def _accept(self, seq, logits):
-        """Sample the next token of `seq` from its (V,) logits and release what text it can."""
-        s = seq.request.sampling
-        tok = int(sample_next(logits.float()[None], s.temperature, None, s.top_p, seq.generator))
-        seq.sampled += 1
-        seq.last, finish, text = tok, None, None
-        if tok == self.tokenizer.eot_token and not s.ignore_eos:
-            finish = "stop"
-        else:
-            seq.tokens.append(tok)
-        n = len(seq.tokens)
-        if s.stop and finish is None:
-            n, text = _stop_cut(self.tokenizer, seq.tokens, s.stop)
-            if text is not None:
-                finish = "stop"
-                del seq.tokens[n:]
-        if finish is None and (seq.sampled >= s.max_tokens or seq.pos >= self.L):
-            finish = "length"
-        if text is None:
-            text = self.tokenizer.decode(seq.tokens[:n])
-            if finish is None and text.endswith("\ufffd"):
-                text = text[:-1]  # maybe half a character: its next bytes may complete it
+        """Sample the next token of `seq` from its (V,) logits and send the text that became certain."""
+        s, c = seq.request.sampling, seq.completion
+        try:
+            tok = int(sample_next(logits.float()[None], s.temperature, None, s.top_p, seq.generator))
+        except (MiniloraError, RuntimeError) as e:  # e.g. NaN logits: this row's request fails, no other
+            self._finish(seq, None)
+            self._fail(seq.request, 500, f"sampling failed: {e}")
+            return
+        c.add(tok, at_limit=seq.pos >= self.max_model_len)
+        seq.last = tok
+        text = c.text()
         if len(text) > len(seq.text):
             seq.request.events.put(("delta", seq.index, text[len(seq.text):]))
             seq.text = text
-        if finish:
-            self._finish(seq, finish)
+        if c.finish_reason:
+            self._finish(seq, c.finish_reason)
 
     def _finish(self, seq, reason):
         """Free the row and the adapter slot; a cancelled request gets no more events."""
@@ -285,9 +285,11 @@ class Engine:
             req.events.put(("error", status, message))
 
     def _fail_all(self, message):
-        with contextlib.suppress(Exception):
+        try:
             for seq in list(self.running.values()):
                 del self.running[seq.row]
                 self.free_rows.append(seq.row)
                 self.registry.release(seq.slot)
                 self._fail(seq.request, 500, message)
+        except Exception:
+            traceback.print_exc()

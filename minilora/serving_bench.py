@@ -19,10 +19,12 @@ import torch
 
 from minilora.config import GPTConfig
 from minilora.generation import generate
-from minilora.lora import LoraConfig, apply_lora, disable_adapter, merge, save_adapter, set_adapter, unmerge
+from minilora.adapter_files import save_adapter
+from minilora.adapters import disable_adapter, set_adapter
+from minilora.lora import BASE_ADAPTER, LoraConfig, apply_lora, merge, unmerge
 from minilora.model import GPT
-from minilora.multi_lora import BASE, AdapterRegistry
 from minilora.openai_server import App, Server
+from minilora.registry import AdapterRegistry
 from minilora.serving import Engine, Request, Sampling
 from minilora.tokenizer import get_tokenizer
 
@@ -64,9 +66,9 @@ def bench_mixed_batch(preset="gpt2", n_requests=32, n_adapters=8, rank=8, prompt
 
     The batched variants are timed `repeats` times, alternating mixed and base, best kept (a
     shared machine's noise only ever adds time); the one-by-one baseline once.
-    mixed_s: generate(..., adapter_names=...) (minilora.lora's per-row path); merged_one_by_one_s:
+    mixed_s: generate(..., adapter_names=...) (adapters.adapter_rows); merged_one_by_one_s:
     each request alone with its adapter merged into the weights; base_batch_s: the same batch on
-    the base model. engine_*: the same through the serving Engine (slot kernel, continuous batching).
+    the base model. engine_*: the same through the serving Engine (same kernel, padded slots, continuous batching).
     """
     with tempfile.TemporaryDirectory() as tmp:
         base, model, names = _setup(preset, n_adapters, rank, targets, tmp, seed)
@@ -107,7 +109,7 @@ def bench_mixed_batch(preset="gpt2", n_requests=32, n_adapters=8, rank=8, prompt
             mixed, plain = [], []
             for _ in range(repeats):
                 mixed.append(_timed(lambda: _run_engine(engine, list(zip(per_row, prompts)), new_tokens)))
-                plain.append(_timed(lambda: _run_engine(engine, [(BASE, p) for p in prompts], new_tokens)))
+                plain.append(_timed(lambda: _run_engine(engine, [(BASE_ADAPTER, p) for p in prompts], new_tokens)))
             out["engine_mixed_s"], out["engine_base_s"] = min(mixed), min(plain)
         finally:
             engine.stop()
@@ -135,7 +137,8 @@ def bench_server(preset="gpt2", clients=16, requests_per_client=1, prompt_len=16
             registry = AdapterRegistry(m, max_loras=n_adapters, max_lora_rank=rank)
             for name in names:
                 registry.add(name, f"{tmp}/{name}")
-            engine = Engine(m, get_tokenizer(base.config.tokenizer), registry, rows, prompt_len + max_tokens).start()
+            engine = Engine(m, get_tokenizer(base.config.tokenizer), registry, max_num_seqs=rows,
+                            max_model_len=prompt_len + max_tokens).start()
             return Server(App(engine, "base"), port=0).start()
 
         def post(server, body):
@@ -191,12 +194,19 @@ def bench_lora_kernels(rows=32, n_embd=768, out=768, n_slots=8, rank=16, repeats
             y.index_add_(0, idx, (xf[idx] @ A[s]) @ B[s])
         return y
 
-    def all_slots():  # SlotLoRALinear's kernel: every slot for every row, then each row picks its own
+    def all_slots():  # every slot for every row in a batched matmul, then each row picks its own
         return torch.bmm(torch.matmul(xf[None], A), B)[slot, every]
+
+    A_cat = A.permute(1, 0, 2).reshape(n_embd, n_slots * rank)  # (in, S*R): the slots side by side
+    B_cat = B.reshape(n_slots * rank, out)  # (S*R, out)
+    col_slot = torch.arange(n_slots).repeat_interleave(rank)
+
+    def stacked_mask():  # adapters.RowAdapters' kernel: one matmul over every slot, mask, one matmul back
+        return ((xf @ A_cat) * (slot[:, None] == col_slot[None, :])) @ B_cat
 
     out_us = {}
     for name, fn in (("base", lambda: torch.nn.functional.linear(x, W)), ("bgmv", bgmv), ("sgmv", sgmv),
-                     ("all_slots", all_slots)):
+                     ("all_slots", all_slots), ("stacked_mask", stacked_mask)):
         for _ in range(3):
             fn()
         best = min(_timed(fn) for _ in range(repeats))

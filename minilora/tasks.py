@@ -25,6 +25,7 @@ import warnings
 
 from minilora.errors import MiniloraError
 from minilora.fileio import atomic_open
+from minilora.generation import generate
 
 # ---- pretraining corpus ---------------------------------------------------------------------
 
@@ -189,8 +190,6 @@ def write_jsonl(examples, path):
 
 def greedy_completions(model, tokenizer, prompts, max_new_tokens=64, batch_size=32):
     """Greedy continuation of each prompt, up to its end-of-text token (or max_new_tokens)."""
-    from minilora.generation import generate  # on use: the trainer imports this module early
-
     encoded = [tokenizer.encode(p) for p in prompts]
     # Batch prompts of similar length together so little compute goes to left padding.
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))

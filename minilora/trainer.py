@@ -1,13 +1,11 @@
 """The training loop: LoRA or full fine-tuning (or pretraining) of the GPT, on one process or many.
 
-train.py is these pieces in a straight line; call them the same way from Python:
+train.py is these calls in a straight line; the quickstart makes the same ones:
 
     cfg = TrainConfig(init_from="out/base", data="train.jsonl", lora_r=8, max_iters=200)
-    rt = setup_runtime(cfg)                       # device, dtype, DDP rank/world size, seeds
-    model, info = build_model(cfg, rt)            # base weights + LoRA (or all weights trainable)
-    dataset = load_data(cfg, info["tokenizer"], model.config.block_size, rt)
-    result = train(model, dataset, cfg, rt, eval_fn=None)   # TrainResult: losses, val loss, speed
-    save_output(model, cfg, info, rt, result)     # adapter (PEFT format) or full model + minilora.json
+    with start_run(cfg) as run:                   # runtime (device, dtype, DDP), model + LoRA, data
+        result = train(run.model, run.dataset, cfg, run.rt, eval_fn=run.eval_fn)   # TrainResult
+        save_output(run.model, cfg, run.info, run.rt, result)   # adapter (PEFT) or model + minilora.json
 
 Exactness is the design goal: a checkpoint holds everything the next step depends on (trainable
 weights, optimizer, GradScaler, every RNG, the data loader's position, the step), so `--resume`
@@ -17,36 +15,35 @@ B rows, give the same gradient as one batch of k*B or N*B rows.
 """
 
 import dataclasses
-import glob
 import json
 import math
 import os
-import random
-import shutil
-import sys
 import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from minilora.checkpoint import load_base, read_run_info
+from minilora.adapter_files import save_adapter
+from minilora.adapters import set_adapter
+from minilora.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, seed_everything, \
+    set_rng_state
 from minilora.cli import opt
-from minilora.config import PRESETS, GPTConfig
+from minilora.config import PRESETS
 from minilora.data import load_dataset
 from minilora.errors import MiniloraError
-from minilora.fileio import atomic_directory, atomic_open
-from minilora.hub import read_config
-from minilora.lora import LoraConfig, apply_lora, count_parameters, merge_and_unload, save_adapter, \
-    set_adapter, trainable_line
+from minilora.fileio import atomic_open
+from minilora.loading import RUN_FILE, RunInfo, load_model, model_config
+from minilora.lora import LoraConfig, apply_lora, count_parameters, merge_and_unload, trainable_line
 from minilora.model import GPT
 from minilora.params import format_report, parameter_report
-from minilora.safetensors import load_file, save_file
+from minilora.progress import Progress, fmt_time, peak_memory_mb
+from minilora.runtime import autocast_context, cleanup, setup_runtime
+from minilora.tasks import exact_match_accuracy
 from minilora.tokenizer import get_tokenizer
 
 
@@ -123,88 +120,7 @@ class TrainConfig:
         return self.lora_r > 0 and not self.full_finetune
 
 
-# ---- runtime: device, precision, processes ------------------------------------------------------
-
-@dataclass
-class Runtime:
-    device: str = "cpu"
-    dtype: str = "fp32"
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def device_type(self):
-        return self.device.split(":")[0]
-
-    @property
-    def ddp(self):
-        return self.world_size > 1
-
-    @property
-    def master(self):
-        return self.rank == 0  # the only process that logs and writes files
-
-
-def pick_device(name="auto"):
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def resolve_dtype(dtype, device_type):
-    if dtype == "auto":
-        return "bf16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if dtype == "fp16" and device_type != "cuda":
-        raise MiniloraError(f"--dtype fp16 needs a CUDA GPU (it relies on a GradScaler); on {device_type} use bf16 or fp32")
-    return dtype
-
-
-def autocast_context(device_type, dtype):
-    """Mixed precision for the forward pass only: the parameters (master weights) stay fp32."""
-    if dtype == "fp32":
-        return nullcontext()
-    return torch.autocast(device_type=device_type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
-
-
-def setup_runtime(cfg):
-    """Pick the device and dtype; under torchrun (WORLD_SIZE > 1) join the process group."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(cfg.device)
-    if world_size > 1:
-        if device.startswith("cuda"):
-            device = f"cuda:{local_rank}"
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    rt = Runtime(device, resolve_dtype(cfg.dtype, device.split(":")[0]), rank, local_rank, world_size)
-    # Every rank builds the same initial model from the same seed (DDP also broadcasts rank 0's);
-    # train() reseeds with seed + rank, so dropout masks differ per rank.
-    seed_everything(cfg.seed)
-    return rt
-
-
-def seed_everything(seed):
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-def cleanup(rt, completed=True):
-    """Leave the process group. After a completed run every rank waits for the others first: a rank
-    that tears the group down while a peer is still finishing (rank 0 writing the output) can make
-    gloo abort that peer. After an error there is no barrier: the other ranks may never reach it."""
-    if rt.ddp and dist.is_initialized():
-        if completed:
-            dist.barrier()
-        dist.destroy_process_group()
-
-
-# ---- model -------------------------------------------------------------------------------------
+# ---- model ----------------------------------------------------------------------------------------
 
 def lora_config(cfg, base_model=None):
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.target_modules),
@@ -212,11 +128,11 @@ def lora_config(cfg, base_model=None):
 
 
 def build_model(cfg, rt):
-    """The model to train, on rt.device in fp32, with only the weights to train requiring grad."""
+    """-> (model on rt.device in fp32 with only the weights to train requiring grad, RunInfo)."""
     if cfg.lora and cfg.init_from == "scratch":
         raise MiniloraError("LoRA needs a pretrained base, and --init_from scratch has none to save the adapter "
                             "against; pretrain with --lora_r 0 first, then --init_from that out_dir")
-    model, base = load_base(cfg.init_from, cfg.model, cfg.dropout)
+    model, base = load_model(cfg.init_from, preset=cfg.model, dropout=cfg.dropout, trainable=True)
     adapters = list(getattr(model, "peft_config", {}))
     if cfg.lora and adapters:
         if rt.master:
@@ -230,27 +146,47 @@ def build_model(cfg, rt):
         model.requires_grad_(True)
     model.to(device=rt.device, dtype=torch.float32)  # master weights stay fp32; autocast does the rest
     model.train()
-    info = {"base_model": base, "tokenizer": model.config.tokenizer, "kind": "lora" if cfg.lora else "full"}
-    return model, info
+    return model, RunInfo("lora" if cfg.lora else "full", base, model.config.tokenizer)
 
 
 def dry_run(cfg):
     """Build on the meta device (no weights, no download), apply LoRA; returns the report's text."""
-    name = cfg.model if cfg.init_from == "scratch" else cfg.init_from
-    info = read_run_info(name) if os.path.isdir(name) else None
-    if info is not None:
-        config = GPTConfig(**info["model_config"])
-    elif os.path.isdir(name):
-        config = read_config(os.path.join(name, "config.json"))
-    elif name in PRESETS:  # the hub's GPT-2 names are also presets: their shapes need no download
-        config = GPTConfig.from_name(name)
-    else:
-        raise MiniloraError(f"--dry_run: {name!r} is neither a preset ({', '.join(PRESETS)}) nor a directory")
+    config = model_config(cfg.init_from, preset=cfg.model)
     if cfg.lora:
         return format_report(parameter_report(config, lora_config(cfg)))
     with torch.device("meta"):
         total = count_parameters(GPT(config))[1]
     return trainable_line(total, total) + "  (full fine-tuning: every weight trains)"
+
+
+@dataclass
+class Run:
+    """What a training run works on: its runtime, model, data and evaluation (see start_run)."""
+    cfg: "TrainConfig"
+    rt: object
+    model: torch.nn.Module
+    info: RunInfo
+    dataset: object
+    eval_fn: object
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        cleanup(self.rt, completed=exc_type is None)  # after an error, no barrier: peers may never reach it
+
+
+def start_run(cfg):
+    """The runtime, the model to train and the data, as train.py and the quickstart use them."""
+    rt = setup_runtime(cfg)
+    try:
+        model, info = build_model(cfg, rt)
+        dataset = load_data(cfg, info.tokenizer, model.config.block_size, rt)
+        eval_fn = task_eval_fn(dataset, info.tokenizer, cfg.eval_examples, cfg.block_size or model.config.block_size)
+    except BaseException:
+        cleanup(rt, completed=False)
+        raise
+    return Run(cfg, rt, model, info, dataset, eval_fn)
 
 
 # ---- data --------------------------------------------------------------------------------------
@@ -286,7 +222,6 @@ def task_eval_fn(dataset, tokenizer, n_examples, block_size):
     examples = [{"prompt": p, "completion": c} for _, n, p, c in pairs if n <= max_new]
     if not examples:
         return None
-    from minilora.tasks import exact_match_accuracy  # on use: it pulls in the generation module
 
     def eval_fn(model):
         return {"accuracy": exact_match_accuracy(model, tok, examples, max_new_tokens=max_new)}
@@ -372,165 +307,6 @@ def estimate_val_loss(model, dataset, cfg, rt):
         count += int((y != -100).sum())
     model.train()
     return total / count if count else None
-
-
-# ---- checkpoints -------------------------------------------------------------------------------
-
-# Options that decide which weights exist; resuming with different ones is a different run.
-MODEL_OPTIONS = ("init_from", "model", "lora_r", "lora_alpha", "target_modules", "use_rslora", "full_finetune")
-
-
-def rng_state():
-    keys = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             # numpy's state as plain lists and tensors, so torch.load(weights_only=True) accepts it
-             "numpy": [keys[0], torch.from_numpy(keys[1].astype(np.int64)), *keys[2:]]}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate(tuple(tuple(s) if isinstance(s, list) else s for s in state["python"]))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _gather(obj, rt):
-    """Every rank's `obj`, in rank order (each rank has its own RNG and maybe its own data position)."""
-    if not rt.ddp:
-        return [obj]
-    out = [None] * rt.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def find_checkpoint(out_dir):
-    """out_dir/checkpoint, or the previous one if a kill came between atomic_directory's two renames."""
-    path = os.path.join(out_dir, "checkpoint")
-    if os.path.isdir(path):
-        return path
-    parked = sorted(glob.glob(os.path.join(glob.escape(out_dir), ".checkpoint.*.old", "prev")), key=os.path.getmtime)
-    return parked[-1] if parked else None
-
-
-def save_checkpoint(raw_model, optimizer, scaler, dataset, cfg, rt, iter_num, best_val_loss):
-    """Write out_dir/checkpoint atomically: a kill at any moment leaves the previous one intact."""
-    rngs, data_states = _gather(rng_state(), rt), _gather(dataset.state_dict(), rt)
-    if not rt.master:
-        return
-    # LoRA: only the adapter (and anything else trainable) is saved; the frozen base is rebuilt from init_from.
-    weights = {n: p.detach().to("cpu").contiguous() for n, p in raw_model.named_parameters() if p.requires_grad}
-    state = {"iter_num": iter_num, "best_val_loss": best_val_loss, "world_size": rt.world_size,
-             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rngs, "data": data_states,
-             "config": dataclasses.asdict(cfg)}
-    with atomic_directory(os.path.join(cfg.out_dir, "checkpoint")) as tmp:
-        save_file(weights, os.path.join(tmp, "model.safetensors"))
-        torch.save(state, os.path.join(tmp, "state.pt"))
-    for stray in glob.glob(os.path.join(glob.escape(cfg.out_dir), ".checkpoint.*")):  # left by earlier kills
-        shutil.rmtree(stray, ignore_errors=True)
-
-
-def load_checkpoint(path, raw_model, optimizer, scaler, dataset, cfg, rt):
-    """Restore everything save_checkpoint wrote; returns (iter_num, best_val_loss)."""
-    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
-    saved = state["config"]
-    changed = [k for k in MODEL_OPTIONS if saved.get(k) != getattr(cfg, k)]
-    if changed:
-        was = ", ".join(f"--{k} {saved.get(k)!r}" for k in changed)
-        raise MiniloraError(f"{path} was trained with {was}; resume with the same options, or use a new --out_dir")
-    others = [k for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "dry_run") and saved.get(k) != v]
-    if others and rt.master:
-        print(f"resuming with changed options: {', '.join(others)}")
-    weights = load_file(os.path.join(path, "model.safetensors"))
-    params = {n: p for n, p in raw_model.named_parameters() if p.requires_grad}
-    if set(weights) != set(params):
-        raise MiniloraError(f"{path}: weights do not match the model (missing {sorted(set(params) - set(weights))[:3]}, "
-                            f"unexpected {sorted(set(weights) - set(params))[:3]})")
-    with torch.no_grad():
-        for n, p in params.items():
-            if weights[n].shape != p.shape:
-                raise MiniloraError(f"{path}: {n} has shape {tuple(weights[n].shape)}, the model {tuple(p.shape)}")
-            p.copy_(weights[n])
-    optimizer.load_state_dict(state["optimizer"])
-    if state["scaler"]:
-        scaler.load_state_dict(state["scaler"])
-    same_world = state["world_size"] == rt.world_size
-    if not same_world and rt.master:
-        print(f"note: checkpoint written by {state['world_size']} processes, resuming on {rt.world_size}: "
-              "the run continues, but not bit-identically")
-    dataset.load_state_dict(state["data"][rt.rank if same_world else 0])
-    set_rng_state(state["rng"][rt.rank if same_world else 0])
-    return state["iter_num"], state["best_val_loss"]
-
-
-# ---- progress ----------------------------------------------------------------------------------
-
-def fmt_time(seconds):
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-class Progress:
-    """A live status line (rewritten in place on a terminal, one line per log otherwise) + log.jsonl."""
-
-    def __init__(self, out_dir, enabled, resume_step=None, stream=None):
-        self.enabled, self.stream = enabled, stream or sys.stdout
-        self.tty, self.live = self.stream.isatty(), False
-        if not enabled:
-            return
-        os.makedirs(out_dir, exist_ok=True)
-        path = os.path.join(out_dir, "log.jsonl")
-        if resume_step is not None and os.path.exists(path):
-            # Drop records past the checkpoint (written before a kill): the resumed run writes them again.
-            with open(path) as f:
-                keep = [line for line in f if _step(line) <= resume_step]
-            with atomic_open(path, "w") as f:
-                f.writelines(keep)
-        elif resume_step is None and os.path.exists(path):
-            os.remove(path)
-        self.path = path
-
-    def record(self, **fields):
-        """One JSON line; opened per record so no handle outlives a crash or an exception."""
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(fields) + "\n")
-
-    def line(self, text):
-        """The live line: replaces itself on a terminal."""
-        if self.enabled:
-            if self.tty:
-                self.stream.write("\r" + text + "\033[K")
-                self.live = True
-            else:
-                self.stream.write(text + "\n")
-            self.stream.flush()
-
-    def note(self, text):
-        """A line that stays (evaluations, the summary)."""
-        if self.enabled:
-            self.stream.write(("\n" if self.live else "") + text + "\n")
-            self.stream.flush()
-            self.live = False
-
-
-def _step(line):
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf  # a line torn by a kill: dropped
-
-
-def peak_memory_mb(device_type):
-    if device_type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB: the process's peak RSS
 
 
 # ---- the loop ----------------------------------------------------------------------------------
@@ -659,15 +435,15 @@ def save_output(model, cfg, info, rt, result=None):
     # the files over: out_dir's log.jsonl and checkpoint/ stay. Each file lands by an atomic rename.
     with tempfile.TemporaryDirectory(dir=cfg.out_dir, prefix=".output.") as tmp:
         target = os.path.join(tmp, "out")
-        if info["kind"] == "lora":
+        if info.kind == "lora":
             save_adapter(model, target)
         else:
             model.save_pretrained(target)
         for name in os.listdir(target):
             os.replace(os.path.join(target, name), os.path.join(cfg.out_dir, name))
-    run = {"kind": info["kind"], "base_model": info["base_model"], "tokenizer": info["tokenizer"],
+    run = {"kind": info.kind, "base_model": info.base_model, "tokenizer": info.tokenizer,
            "model_config": model.config.to_dict(), "iter_num": result.iter_num if result else None,
            "val_loss": result.val_loss if result else None, "train_config": dataclasses.asdict(cfg)}
-    with atomic_open(os.path.join(cfg.out_dir, "minilora.json"), "w") as f:
+    with atomic_open(os.path.join(cfg.out_dir, RUN_FILE), "w") as f:
         json.dump(run, f, indent=2)
         f.write("\n")

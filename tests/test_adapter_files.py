@@ -11,7 +11,7 @@ import torch
 from minilora import GPT, GPTConfig
 from minilora.adapter_files import CONFIG_NAME, PICKLE_NAME, PREFIX, WEIGHTS_NAME, load_adapter, save_adapter
 from minilora.errors import MiniloraError
-from minilora.lora import LoraConfig, apply_lora, lora_layers
+from minilora import LoraConfig, apply_lora, lora_layers
 from minilora.safetensors import SafetensorsError, load_file, read_header, save_file
 
 C, N_LAYER = 32, 2  # the "tiny" preset

@@ -27,9 +27,9 @@ import torch
 from minilora import GPT, GPTConfig
 from minilora import safetensors as st
 from minilora.cli import main_guard
-from minilora.lora import LoraConfig, apply_lora, save_adapter
+from minilora import LoraConfig, apply_lora, save_adapter
 from minilora.safetensors import load_file
-from minilora.trainer import find_checkpoint
+from minilora.checkpoint import find_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}

@@ -31,8 +31,9 @@ from minilora import GPT, GPTConfig
 from minilora.adapter_files import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
 from minilora.data import load_dataset
 from minilora.errors import MiniloraError
-from minilora.lora import LoraConfig, apply_lora, load_adapter, lora_layers, save_adapter
-from minilora.multi_lora import AdapterRegistry
+from minilora import LoraConfig, apply_lora, load_adapter, lora_layers, save_adapter
+from minilora.adapter_files import peft_config_dict
+from minilora.registry import AdapterRegistry
 from minilora.safetensors import MAX_HEADER_SIZE, load, load_file, read_header, save
 from minilora.tokenizer import get_tokenizer
 
@@ -462,7 +463,7 @@ def test_fuzz_serving_registry_reader(tmp_path):
         for name, data in files.items():
             put(case / name, data)
         weights = registry.read("fz", case)
-        assert weights.layers and all(A.shape[0] == B.shape[1] == weights.r for A, B in weights.layers.values())
+        assert weights.tensors and all(t.shape[0] == weights.config.r for k, t in weights.tensors.items() if k.endswith("lora_A.weight"))
         return True
 
     loaded, _ = fuzz("serving registry", 3000 * SOAK, lambda rng: make_adapter_case(rng, seeds), check, tmp_path,
@@ -479,7 +480,7 @@ def test_pickle_adapter_is_refused_and_never_unpickled(tmp_path):
             return os.mkdir, (str(marker),)
     adapter = tmp_path / "ad"
     os.makedirs(adapter)
-    (adapter / CONFIG_NAME).write_text(json.dumps(LoraConfig(r=2).to_peft_dict()))
+    (adapter / CONFIG_NAME).write_text(json.dumps(peft_config_dict(LoraConfig(r=2))))
     torch.save({"base_model.model.transformer.h.0.attn.q_proj.lora_A.weight": Evil()}, adapter / PICKLE_NAME)
     model = GPT(GPTConfig.from_name("tiny"))
     with pytest.raises(MiniloraError, match="pickle.*allow_pickle=True"):

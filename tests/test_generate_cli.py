@@ -6,7 +6,7 @@ import torch
 
 from minilora import GPT, GPTConfig
 from minilora.generation import generate
-from minilora.lora import LoraConfig, apply_lora, disable_adapter, save_adapter
+from minilora import LoraConfig, apply_lora, disable_adapter, save_adapter
 from minilora.tokenizer import get_tokenizer
 
 from scripts import run_script, run_script_here

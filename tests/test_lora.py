@@ -10,10 +10,9 @@ import torch
 import torch.nn as nn
 
 from minilora import GPT, GPTConfig, MiniloraError
-from minilora.model import Linear
-from minilora.lora import (LoraConfig, LoRALinear, add_weighted_adapter, apply_lora, count_parameters,
-                           delete_adapter, disable_adapter, lora_layers, merge, merge_and_unload,
-                           print_trainable_parameters, set_adapter, unmerge)
+from minilora.ops import Linear
+from minilora.adapter_files import config_from_peft, peft_config_dict
+from minilora import LoraConfig, LoRALinear, add_weighted_adapter, apply_lora, count_parameters, delete_adapter, disable_adapter, lora_layers, merge, merge_and_unload, print_trainable_parameters, set_adapter, unmerge
 
 QV = ["q_proj", "v_proj"]
 
@@ -377,12 +376,12 @@ def test_peft_dict_round_trip_and_refusals():
     config = LoraConfig(r=16, lora_alpha=32, target_modules=QV, lora_dropout=0.05, bias="lora_only", use_rslora=True,
                         init_lora_weights="gaussian", layers_to_transform=[0, 3], modules_to_save=["lm_head"],
                         task_type="CAUSAL_LM", base_model_name_or_path="gpt2")
-    d = config.to_peft_dict()
+    d = peft_config_dict(config)
     assert d["peft_type"] == "LORA" and d["fan_in_fan_out"] is False and d["r"] == 16 and d["target_modules"] == QV
-    assert LoraConfig.from_peft_dict(d) == config
-    assert LoraConfig.from_peft_dict({**d, "some_future_key": 1, "fan_in_fan_out": True}) == config  # tolerated
-    assert LoraConfig.from_peft_dict({**d, "target_modules": ["v_proj", "q_proj"]}).target_modules == ["v_proj", "q_proj"]
+    assert config_from_peft(d) == config
+    assert config_from_peft({**d, "some_future_key": 1, "fan_in_fan_out": True}) == config  # tolerated
+    assert config_from_peft({**d, "target_modules": ["v_proj", "q_proj"]}).target_modules == ["v_proj", "q_proj"]
     for bad, match in (({"use_dora": True}, "use_dora"), ({"peft_type": "IA3"}, "IA3"), ({"r": "8"}, "r must"),
                        ({"rank_pattern": {"q_proj": 4}}, "rank_pattern"), ({"fan_in_fan_out": "no"}, "fan_in_fan_out")):
         with pytest.raises(MiniloraError, match=match):
-            LoraConfig.from_peft_dict({**d, **bad})
+            config_from_peft({**d, **bad})

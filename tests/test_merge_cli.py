@@ -9,7 +9,7 @@ import torch
 
 from minilora import GPT, GPTConfig
 from minilora.generation import generate
-from minilora.lora import LoraConfig, apply_lora, disable_adapter, merge_and_unload, save_adapter
+from minilora import LoraConfig, apply_lora, disable_adapter, merge_and_unload, save_adapter
 from minilora.safetensors import read_header
 
 from scripts import run_script, run_script_here
@@ -126,10 +126,20 @@ def test_nan_adapter_is_refused_and_nothing_is_written(saved, tmp_path, capsys):
     save_adapter(bad, adapter, base_model_name_or_path=base)
     out = str(tmp_path / "merged")
     code, _, err = run_here(capsys, "--adapter", adapter, "--out", out)
+    assert code == 2 and "lora_B.weight has NaN or inf values" in err  # the reader refuses it: nothing merged
+    assert not os.path.exists(out)
+    # finite weights whose product overflows: safe_merge refuses the merged weights
+    huge = copy.deepcopy(model)
+    with torch.no_grad():
+        huge.transformer.h[1].attn.v_proj.lora_A["default"].weight.fill_(1e25)
+        huge.transformer.h[1].attn.v_proj.lora_B["default"].weight[3, :] = 1e25
+    adapter = str(tmp_path / "huge_adapter")
+    save_adapter(huge, adapter, base_model_name_or_path=base)
+    code, _, err = run_here(capsys, "--adapter", adapter, "--out", out)
     assert code == 2 and "safe_merge" in err and "non-finite" in err
     assert not os.path.exists(out)
     # without safe_merge the logit check still refuses: NaN logits never pass a tolerance
-    code, stdout, err = run_here(capsys, "--adapter", adapter, "--out", out, "--no_safe_merge")
+    code, stdout, err = run_here(capsys, "--adapter", adapter, "--out", out, "--no-safe-merge")
     assert code == 2 and "FAILED" in stdout and "nothing was written" in err
     assert not os.path.exists(out)
     assert_no_leftovers(tmp_path)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minilora import GPTConfig, MiniloraError
-from minilora.lora import LoraConfig
+from minilora import LoraConfig
 from minilora.params import build_meta_model, format_table, main, parameter_report
 
 QV = ["q_proj", "v_proj"]

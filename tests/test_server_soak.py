@@ -25,7 +25,7 @@ import torch
 
 from minilora import GPT, GPTConfig
 from minilora.cli import parse_args
-from minilora.lora import LoraConfig, apply_lora, save_adapter
+from minilora import LoraConfig, apply_lora, save_adapter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

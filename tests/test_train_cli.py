@@ -16,7 +16,9 @@ import torch
 
 from minilora.cli import main_guard
 from minilora.safetensors import load_file
-from minilora.trainer import TrainConfig, build_model, find_checkpoint, load_data, save_output, setup_runtime, train
+from minilora.checkpoint import find_checkpoint
+from minilora.runtime import setup_runtime
+from minilora.trainer import TrainConfig, build_model, load_data, save_output, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_PY = os.path.join(ROOT, "train.py")
@@ -57,7 +59,7 @@ def run_in_process(cfg):
     torch.set_num_threads(1)
     rt = setup_runtime(cfg)
     model, info = build_model(cfg, rt)
-    dataset = load_data(cfg, info["tokenizer"], model.config.block_size, rt)
+    dataset = load_data(cfg, info.tokenizer, model.config.block_size, rt)
     result = train(model, dataset, cfg, rt, stream=io.StringIO())
     save_output(model, cfg, info, rt, result)
     return result
@@ -85,7 +87,12 @@ def test_help_lists_every_option_with_its_default(train_script, capsys):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         block = blocks.get(f"--{f.name}")
         assert block is not None, f"--{f.name} missing from -h"
-        assert f"(default: {default})" in block, block
+        if isinstance(default, bool):  # --flag / --no-flag: "(the default)" marks the one that is
+            off = blocks.get(f"--no-{f.name.replace('_', '-')}")
+            assert off is not None and ("(the default)" in block) == default and ("(the default)" in off) != default
+        else:
+            assert f"(default: {default})" in block or "default" in block.split(" ", 2)[-1], block
+        assert block.count("default") <= 1, f"--{f.name}'s default is said twice: {block}"
 
 
 def test_bad_input_is_one_line_not_a_traceback(train_script, tmp_path, capsys):

@@ -12,11 +12,13 @@ import pytest
 import torch
 
 from minilora import GPT, GPTConfig, MiniloraError
-from minilora.lora import LoraConfig, apply_lora, load_adapter
+from minilora import LoraConfig, apply_lora, load_adapter
 from minilora.safetensors import load_file
-from minilora.trainer import (Progress, Runtime, TrainConfig, build_model, configure_optimizer, find_checkpoint,
-                              forward_backward, get_lr, load_data, optimizer_step, resolve_dtype, save_output,
-                              setup_runtime, total_iters, train)
+from minilora.checkpoint import find_checkpoint
+from minilora.progress import Progress
+from minilora.runtime import Runtime, resolve_dtype, setup_runtime
+from minilora.trainer import (TrainConfig, build_model, configure_optimizer, forward_backward, get_lr, load_data,
+                              optimizer_step, save_output, total_iters, train)
 
 TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog {i % 7} times.\n" for i in range(400))
 
@@ -57,7 +59,7 @@ def run(cfg, eval_fn=None):
     """train.py's flow, in process."""
     rt = setup_runtime(cfg)
     model, info = build_model(cfg, rt)
-    dataset = load_data(cfg, info["tokenizer"], model.config.block_size, rt)
+    dataset = load_data(cfg, info.tokenizer, model.config.block_size, rt)
     result = train(model, dataset, cfg, rt, eval_fn=eval_fn, stream=io.StringIO())
     save_output(model, cfg, info, rt, result)
     return model, result
@@ -203,7 +205,7 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path, text_file):
     cfg = make_cfg(tmp_path, text_file, max_iters=10, checkpoint_interval=2)
     rt = setup_runtime(cfg)
     model, info = build_model(cfg, rt)
-    dataset = load_data(cfg, info["tokenizer"], model.config.block_size, rt)
+    dataset = load_data(cfg, info.tokenizer, model.config.block_size, rt)
     calls = []
 
     def poison(module, args, output):  # the 5th forward (step 5) yields NaN hidden states, so a NaN loss
@@ -239,7 +241,7 @@ def test_lora_output_dir_holds_peft_adapter_and_metadata(tmp_path, jsonl_file, b
     torch.testing.assert_close(reloaded(x)[0], model(x)[0], atol=1e-6, rtol=0)
     # --init_from a LoRA dir continues that adapter on the base it names
     again, info = build_model(make_cfg(tmp_path, jsonl_file, init_from=out, lora_r=4), Runtime())
-    assert info["base_model"] == os.path.abspath(base_dir)
+    assert info.base_model == os.path.abspath(base_dir)
     assert all(torch.equal(p, trainable_state(model)[n]) for n, p in trainable_state(again).items())
 
 

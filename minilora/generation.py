@@ -377,14 +377,18 @@ class GenerationStream:
             self.model.keep_kv_rows(idx, self.L)
 
 
-def stream_generate(model, idx, max_new_tokens, **kwargs):
-    """Like generate(), but an iterator of Events as tokens become certain; .result() at the end.
+def stream_generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, use_cache=True,
+                    stop=None, seed=None, eot_token=None, tokenizer=None, attention_mask=None, autocast_dtype=None,
+                    return_logits=False, adapter_names=None):
+    """Like generate() (same arguments), but an iterator of Events as tokens become certain; .result() at the end.
 
     A token is released as soon as no stop string can begin inside it; each row ends with one
     Event(row, None, "stop" | "length"). Concatenating a row's tokens gives generate()'s tokens.
-    Keyword arguments are generate()'s.
     """
-    return GenerationStream(model, idx, max_new_tokens, **kwargs)
+    return GenerationStream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            use_cache=use_cache, stop=stop, seed=seed, eot_token=eot_token, tokenizer=tokenizer,
+                            attention_mask=attention_mask, autocast_dtype=autocast_dtype,
+                            return_logits=return_logits, adapter_names=adapter_names)
 
 
 def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, use_cache=True, stop=None,
@@ -402,10 +406,10 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=N
     adapter_names: one adapter name per prompt ("__base__" for none), PEFT's mixed-adapter batch:
     the base matmuls run once for the batch and each row adds its own adapter's update.
     """
-    stream = GenerationStream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                              use_cache=use_cache, stop=stop, seed=seed, eot_token=eot_token, tokenizer=tokenizer,
-                              attention_mask=attention_mask, autocast_dtype=autocast_dtype,
-                              return_logits=return_logits, adapter_names=adapter_names)
+    stream = stream_generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                             use_cache=use_cache, stop=stop, seed=seed, eot_token=eot_token, tokenizer=tokenizer,
+                             attention_mask=attention_mask, autocast_dtype=autocast_dtype,
+                             return_logits=return_logits, adapter_names=adapter_names)
     for _ in stream:
         pass
     return stream.result()

@@ -63,7 +63,13 @@ def main(argv=None):
         if args.adapter is None:
             raise MiniloraError("give --init_from (a model dir, a hub name like gpt2, or tiny) or --adapter")
         init_from = adapter_base(args.adapter)
-    model, _ = load_model(init_from, adapter=args.adapter, seed=args.seed)
+    try:
+        model, _ = load_model(init_from, adapter=args.adapter, seed=args.seed)
+    except MiniloraError as e:
+        if args.init_from is not None:
+            raise
+        raise MiniloraError(f"{e} (the base {init_from!r} is what {args.adapter}/adapter_config.json records; "
+                            f"if it moved, pass it with --init_from)") from None
     if args.merge:
         merge(model, safe_merge=True)
     model.to(device=args.device, dtype=parse_dtype(args.dtype))

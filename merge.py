@@ -112,7 +112,13 @@ def main(argv=None):
     base = args.base or adapter_base(args.adapter, flag="--base")
     check_out(args.out, args.force, [base])
 
-    model, _ = load_model(base, adapter=args.adapter)  # fp32 on the CPU, eval mode
+    try:
+        model, _ = load_model(base, adapter=args.adapter)  # fp32 on the CPU, eval mode
+    except MiniloraError as e:
+        if args.base is not None:
+            raise
+        raise MiniloraError(f"{e} (the base {base!r} is what {args.adapter}/adapter_config.json records; "
+                            f"if it moved, pass it with --base)") from None
     adapters = describe(model)
     idx = sample_batch(model.config)
     ref = logits_of(model, idx)  # the unmerged model: what the adapter defines

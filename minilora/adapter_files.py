@@ -298,8 +298,9 @@ def _open_weights(adapter_dir, allow_pickle):
     if not os.path.isfile(path):
         raise MiniloraError(f"{adapter_dir} has no {WEIGHTS_NAME}; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     if not allow_pickle:
-        raise MiniloraError(f"{path} is a pickle, which can run arbitrary code when loaded; pass allow_pickle=True "
-                            f"to read it with torch.load(weights_only=True), or convert it to {WEIGHTS_NAME}")
+        raise MiniloraError(f"{path} is a pickle, which can run arbitrary code when loaded; convert it to {WEIGHTS_NAME} "
+                            f"(in Python: load_adapter(model, dir, allow_pickle=True), then save_adapter), or pass "
+                            f"allow_pickle=True to read it with torch.load(weights_only=True)")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come in many types; all mean the same here

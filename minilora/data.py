@@ -238,14 +238,15 @@ def _split_text(tokens, eot, val_fraction, val_split, where):
         ends = np.flatnonzero(np.asarray(tokens) == eot) + 1  # a document ends after its eot
         if len(ends) < 2:
             raise DataError(f"{where}: val_split='documents' needs at least 2 documents (files), found "
-                            f"{len(ends)}; use val_split='tokens' or pass val_path")
+                            f"{len(ends)}; use val_split='tokens' or pass held-out data (val_path=, train.py --val_data)")
         k = min(max(1, round(len(ends) * val_fraction)), len(ends) - 1)
         cut = ends[len(ends) - k - 1]
     else:
         cut = len(tokens) - int(len(tokens) * val_fraction)
         if len(tokens) - cut < 2:
             raise DataError(f"{where}: val_fraction {val_fraction} of {len(tokens)} tokens leaves no "
-                            "validation text; raise val_fraction, add text or pass val_path")
+                            "validation text; raise val_fraction (train.py --val_fraction), add text, or pass held-out data "
+                            "(val_path=, train.py --val_data)")
     return tokens[:cut], tokens[cut:]
 
 
@@ -496,7 +497,7 @@ def load_dataset(path, tokenizer, block_size, *, text_field=None, prompt_field="
     kind, source = _kind(path)
     val_kind, val_source = _kind(val_path) if val_path is not None else (kind, None)
     if val_kind != kind:
-        raise DataError(f"val_path {val_path} is {val_kind} data but {path} is {kind} data; use one format")
+        raise DataError(f"the held-out data {val_path} (--val_data) is {val_kind} data but {path} is {kind} data; use one format")
 
     if kind == "text":
         tokens, key = tokenize_files(_text_files(source), tokenizer, cache_dir)

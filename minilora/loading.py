@@ -14,6 +14,7 @@
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -81,7 +82,7 @@ def model_source(arg, preset="tiny"):
     return Source("hub", arg)
 
 
-def load_model(arg, *, adapter=None, preset="tiny", seed=None, dropout=None, trainable=False):
+def load_model(arg, *, adapter=None, preset="tiny", seed=None, dropout=None, trainable=False, _seen=()):
     """The model `arg` names (+ the adapter directory `adapter`) -> (GPT in fp32, name of its base).
 
     The base name is what an adapter trained on this model records. Random weights are drawn
@@ -89,6 +90,9 @@ def load_model(arg, *, adapter=None, preset="tiny", seed=None, dropout=None, tra
     stays trainable (train.py continues it); otherwise adapters load frozen and the model is in eval mode.
     """
     src = model_source(arg, preset)
+    if src.kind == "run" and os.path.realpath(arg) in _seen:
+        raise MiniloraError(f"{arg}/{RUN_FILE} names a base that leads back to itself "
+                            f"({' -> '.join(_seen)}); fix base_model there, or pass the base with --init_from")
     if src.kind == "preset":
         config = GPTConfig.from_name(src.name, **({} if dropout is None else {"dropout": dropout}))
         if seed is None:
@@ -99,7 +103,7 @@ def load_model(arg, *, adapter=None, preset="tiny", seed=None, dropout=None, tra
                 model = GPT(config)
         base = "scratch:" + src.name
     elif src.kind == "run" and src.info.kind == "lora":
-        model, base = load_model(src.info.base_model, dropout=dropout, seed=seed)
+        model, base = load_model(src.info.base_model, dropout=dropout, seed=seed, _seen=(*_seen, os.path.realpath(arg)))
         try:
             load_adapter(model, arg, is_trainable=trainable)
         except MiniloraError as e:
@@ -114,10 +118,25 @@ def load_model(arg, *, adapter=None, preset="tiny", seed=None, dropout=None, tra
     else:
         model, base = GPT.from_pretrained(arg, dropout=dropout), os.path.abspath(arg)
     if adapter is not None:
+        _warn_other_base(adapter, base)
         name = "default" if not hasattr(model, "peft_config") else "cli"
         load_adapter(model, adapter, adapter_name=name)
         set_adapter(model, list(model.peft_config))  # a LoRA run dir's own adapter stays on beside --adapter
     return (model if trainable else model.eval()), base
+
+
+def _warn_other_base(adapter, base):
+    """An adapter trained on another base of the same shape loads fine and computes nonsense: say so."""
+    try:
+        with open(os.path.join(adapter, CONFIG_NAME), encoding="utf-8") as f:
+            recorded = json.load(f).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return  # load_adapter reports an unreadable config
+    same = recorded == base or (isinstance(recorded, str) and os.path.isdir(recorded) and os.path.isdir(base)
+                                and os.path.realpath(recorded) == os.path.realpath(base))
+    if isinstance(recorded, str) and recorded and not same:
+        print(f"warning: the adapter in {adapter} was trained on {recorded!r}, not on {base!r}; its outputs are "
+              f"only meaningful on its own base", file=sys.stderr)
 
 
 def model_config(arg, preset="tiny"):

@@ -113,3 +113,31 @@ def test_hf_gpt2_adapter_is_served_with_generate_pys_greedy_text(dirs):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_run_directory_whose_base_leads_back_to_itself_is_one_clear_error(tmp_path):
+    (tmp_path / "minilora.json").write_text(json.dumps({"kind": "lora", "base_model": str(tmp_path), "tokenizer": "byte"}))
+    with pytest.raises(MiniloraError, match="leads back to itself"):
+        load_model(str(tmp_path))
+
+
+def test_an_adapter_on_another_base_of_the_same_shape_warns(dirs, tmp_path, capsys):
+    root, _ = dirs
+    other = tmp_path / "other"
+    GPT(GPTConfig.from_name("tiny")).save_pretrained(other)
+    load_model(str(other), adapter=str(root / "peft"))
+    assert "was trained on" in capsys.readouterr().err
+    load_model(str(root / "base"), adapter=str(root / "peft"))
+    assert "was trained on" not in capsys.readouterr().err
+
+
+def test_a_moved_base_names_the_adapter_it_came_from(dirs, tmp_path):
+    root, _ = dirs
+    moved = tmp_path / "adapter"
+    moved.mkdir()
+    cfg = json.loads((root / "peft" / "adapter_config.json").read_text())
+    (moved / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": str(tmp_path / "gone")}))
+    (moved / "adapter_model.safetensors").write_bytes((root / "peft" / "adapter_model.safetensors").read_bytes())
+    r = run_script("generate.py", "--adapter", str(moved), "--prompt", "a", "--max_new_tokens", "2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "--init_from" in r.stderr
+    assert "adapter_config.json records" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -14,6 +14,11 @@ FLOP counting (as in the PaLM paper and nanoGPT): N = matmul weights including t
 weight gradients) and 4*N for LoRA (the frozen weights get no weight gradients; the rank-r A/B
 products, ~0.2% of that, are not counted), plus 12*L*T*C for attention's two matmuls (the causal
 mask is not discounted). MFU = achieved FLOP/s / measured matmul peak of the same dtype.
+
+bf16 on a CPU without native bf16 (no AVX512-BF16/AMX) is emulated, many times slower than fp32:
+the bf16 training rows alone would take many minutes. A brief probe (a 512x512 matmul in each
+dtype) decides by measurement: where bf16 is the slower one, those rows and the ratios built on
+them are reported as skipped, with the reason. MINILORA_ASSUME_NO_BF16=1 forces that branch.
 """
 
 import argparse
@@ -60,6 +65,8 @@ MODES = {
 }
 LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])  # the paper's W_q, W_v at r=8
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+BF16_PROBE_N = 512  # big enough to time steadily, small enough to take ~1 s even where bf16 is emulated
+ASSUME_NO_BF16 = "MINILORA_ASSUME_NO_BF16"
 
 
 def describe(shape):
@@ -113,9 +120,16 @@ def read_bandwidth_gbs(mb):
 
 
 def worker_ceilings(p):
-    out = {f"matmul_{name}_gflops": matmul_gflops(p["matmul_n"], dtype) for name, dtype in DTYPES.items()}
-    out["bandwidth_gbs"] = read_bandwidth_gbs(p["bandwidth_mb"])
-    return out
+    """The matmul peaks and read bandwidth, and whether bf16 is native here (measured, see the docstring)."""
+    probe = {name: matmul_gflops(BF16_PROBE_N, dtype) for name, dtype in DTYPES.items()}
+    forced = os.environ.get(ASSUME_NO_BF16, "") not in ("", "0")
+    native = probe["bf16"] >= probe["fp32"] and not forced
+    out = {"matmul_fp32_gflops": matmul_gflops(p["matmul_n"], torch.float32),
+           # without native bf16 the full-size bf16 matmul alone takes minutes: the probe's figure stands in
+           "matmul_bf16_gflops": matmul_gflops(p["matmul_n"], torch.bfloat16) if native else probe["bf16"],
+           "bandwidth_gbs": read_bandwidth_gbs(p["bandwidth_mb"])}
+    return dict(out, bf16=dict(native=native, forced=forced, probe_n=BF16_PROBE_N, probe_fp32_gflops=probe["fp32"],
+                               probe_bf16_gflops=probe["bf16"]))
 
 
 def worker_train(p):
@@ -209,12 +223,26 @@ def run_worker(kind, params, label):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def bf16_skip_reason(bf16):
+    """Why the bf16 training rows are skipped (None: they run)."""
+    if bf16["forced"]:
+        return f"{ASSUME_NO_BF16} is set: treating this CPU as one without native bf16"
+    if not bf16["native"]:
+        return (f"no native bf16 on this CPU: a {bf16['probe_n']}x{bf16['probe_n']} bf16 matmul measured slower than "
+                f"fp32 ({bf16['probe_bf16_gflops']:.1f} vs {bf16['probe_fp32_gflops']:.1f} GFLOP/s)")
+    return None
+
+
 def measure(mode):
     m = MODES[mode]
     res = {"ceilings": run_worker("ceilings", dict(matmul_n=m["matmul_n"], bandwidth_mb=m["bandwidth_mb"]),
                                   "machine ceilings")}
+    res["bf16"] = res["ceilings"].pop("bf16")
+    res["bf16"]["skip_reason"] = skip = bf16_skip_reason(res["bf16"])
+    if skip:
+        print(f"bench: skipping the bf16 training rows: {skip}", file=sys.stderr, flush=True)
     shape, B, T = m["train"]
-    for dtype in DTYPES:
+    for dtype in ["fp32"] if skip else DTYPES:
         for kind in ("lora", "full"):
             res[f"train_{kind}_{dtype}"] = run_worker(
                 "train", dict(shape=shape, batch=B, seq=T, lora=kind == "lora", dtype=dtype, repeats=m["repeats"],
@@ -240,20 +268,26 @@ def report(mode, res):
     """-> (rows, ratios): each figure with its section, label and context; each ratio with its target."""
     m = MODES[mode]
     rows, ratios = [], []
+    skip = res.get("bf16", {}).get("skip_reason")
+    bf16 = not skip  # the bf16 training rows ran
 
     def row(section, name, label, value, unit, detail="", **extra):
         rows.append(dict(section=section, name=name, label=label, value=value, unit=unit, detail=detail, **extra))
 
     def ratio(name, value, op, target):
-        ratios.append(dict(name=name, value=value, target=f"{op} {target}",
-                           met=value >= target if op == ">=" else value <= target))
+        """value None: a row it needs was skipped, so it is reported as skipped (met None), not as a failure."""
+        ratios.append(dict(name=name, value=value, target=f"{op} {target}", **(
+            dict(met=None, skipped=skip) if value is None else
+            dict(met=value >= target if op == ">=" else value <= target))))
 
     shape, B, T = m["train"]
     cfg = GPTConfig.from_name(shape[0], **shape[1])
     section = f"training step, {describe(shape)}, batch {B}x{T}, AdamW"
     for dtype in DTYPES:
         for kind in ("lora", "full"):
-            r = res[f"train_{kind}_{dtype}"]
+            r = res.get(f"train_{kind}_{dtype}")
+            if r is None:
+                continue
             flops = train_flops_per_token(cfg, T, kind == "lora")
             mfu = r["tokens_per_s"] * flops / (r["matmul_peak_gflops"] * 1e9)  # the peak from the same process
             row(section, f"train_{kind}_{dtype}", f"{'LoRA r=8 q,v' if kind == 'lora' else 'full fine-tuning'} "
@@ -261,12 +295,12 @@ def report(mode, res):
                 f"MFU {mfu:4.0%} of {r['matmul_peak_gflops']:.0f} GFLOP/s, peak RSS {r['peak_rss_mb']:6.0f} MB", mfu=mfu,
                 peak_rss_mb=r["peak_rss_mb"], flops_per_token=flops)
         ratio(f"train tok/s LoRA / full, {dtype}", res[f"train_lora_{dtype}"]["tokens_per_s"]
-              / res[f"train_full_{dtype}"]["tokens_per_s"], ">=", 1.7)
-    mfu = {r["name"]: r["mfu"] for r in rows}
+              / res[f"train_full_{dtype}"]["tokens_per_s"] if f"train_lora_{dtype}" in res else None, ">=", 1.7)
+    mfu = {r["name"]: r["mfu"] for r in rows if "mfu" in r}
     ratio("train MFU LoRA fp32 (of the fp32 matmul peak)", mfu["train_lora_fp32"], ">=", 0.70)
-    ratio("train MFU LoRA bf16 (of the bf16 matmul peak)", mfu["train_lora_bf16"], ">=", 0.55)
+    ratio("train MFU LoRA bf16 (of the bf16 matmul peak)", mfu.get("train_lora_bf16"), ">=", 0.55)
     ratio("train tok/s LoRA bf16 / fp32", res["train_lora_bf16"]["tokens_per_s"]
-          / res["train_lora_fp32"]["tokens_per_s"], ">=", 1.8)
+          / res["train_lora_fp32"]["tokens_per_s"] if bf16 else None, ">=", 1.8)
     shape, B, T = m["memory"]
     section = f"peak memory of a training step, {describe(shape)}, batch {B}x{T}, fp32, AdamW"
     for kind in ("lora", "full"):
@@ -310,12 +344,15 @@ def report(mode, res):
 
 
 def format_table(mode, out):
-    c, mc = out["ceilings"], out["machine"]
-    lines = [f"minilora bench ({mode}) on {mc['cpu']}, {mc['cores']} cores, torch {mc['torch']}, {mc['threads']} threads",
-             "", "machine ceilings, measured in this run",
+    c, mc, skip = out["ceilings"], out["machine"], out["bf16"]["skip_reason"]
+    lines = [f"minilora bench ({mode}) on {mc['cpu']} ({mc['cpu_flags']}), {mc['cores']} cores, torch {mc['torch']}, "
+             f"{mc['threads']} threads", "", "machine ceilings, measured in this run",
              f"  {'matmul fp32 (square, best of MKL and oneDNN)':52s} {c['matmul_fp32_gflops']:9.1f} GFLOP/s",
-             f"  {'matmul bf16 (square, best of MKL and oneDNN)':52s} {c['matmul_bf16_gflops']:9.1f} GFLOP/s",
+             f"  {'matmul bf16 (square, best of MKL and oneDNN)':52s} {c['matmul_bf16_gflops']:9.1f} GFLOP/s"
+             + (f" (the {out['bf16']['probe_n']}x{out['bf16']['probe_n']} probe)" if skip else ""),
              f"  {'memory read bandwidth (fp32 tensor.sum())':52s} {c['bandwidth_gbs']:9.1f} GB/s"]
+    if skip:
+        lines += ["", f"bf16 autocast training rows skipped: {skip}"]
     section = None
     for r in out["rows"]:
         if r["section"] != section:
@@ -324,7 +361,10 @@ def format_table(mode, out):
         lines.append(f"  {r['label']:52s} {r['value']:9.1f} {r['unit']:7s} {r['detail']}")
     lines += ["", f"  {'ratio':52s} {'measured':>9s}  target"]
     for r in out["ratios"]:
-        lines.append(f"  {r['name']:52s} {r['value']:9.2f}  {r['target']:8s} {'met' if r['met'] else 'NOT met'}")
+        if r["value"] is None:
+            lines.append(f"  {r['name']:52s} {'skipped':>9s}  {r['target']:8s} (needs the skipped bf16 training rows)")
+        else:
+            lines.append(f"  {r['name']:52s} {r['value']:9.2f}  {r['target']:8s} {'met' if r['met'] else 'NOT met'}")
     lines += ["", out["flop_counting"]]
     if mode != "default":
         lines.append("(the targets are set for the default shapes; in this mode they only show the direction)")
@@ -337,6 +377,16 @@ def cpu_name():
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or "unknown CPU"
+
+
+def cpu_flags():
+    """Whether the CPU advertises native bf16 (AVX512-BF16, AMX-BF16), as /proc/cpuinfo says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(line.split(":", 1)[1].split() for line in f if line.startswith("flags")))
+    except (OSError, StopIteration):
+        return "CPU flags unknown"
+    return ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in ("avx512_bf16", "amx_bf16"))
 
 
 def main():
@@ -356,9 +406,10 @@ def main():
     mode = "smoke" if args.smoke else "quick" if args.quick else "default"
     res = measure(mode)
     rows, ratios = report(mode, res)
-    out = dict(mode=mode, machine=dict(cpu=cpu_name(), cores=os.cpu_count(), torch=torch.__version__,
+    out = dict(mode=mode, machine=dict(cpu=cpu_name(), cpu_flags=cpu_flags(), cores=os.cpu_count(), torch=torch.__version__,
                                        threads=torch.get_num_threads(), python=platform.python_version()),
-               ceilings=res["ceilings"], rows=rows, ratios=ratios, raw=res,
+               ceilings=res["ceilings"], bf16=res["bf16"], rows=rows, ratios=ratios, raw=res,
+               skipped_rows=[f"train_{kind}_bf16" for kind in ("lora", "full") if f"train_{kind}_bf16" not in res],
                flop_counting="MFU counts per token 6*N FLOPs for full fine-tuning and 4*N for LoRA (N = matmul "
                              "weights incl. the head), plus 12*L*T*C for attention, over the matmul peak measured in the same process")
     print(format_table(mode, out), file=sys.stderr if args.json == "-" else sys.stdout)

@@ -4,6 +4,10 @@ Files are written to a temporary name in the same directory, flushed to disk, th
 over the target (`os.replace` is atomic on POSIX), so a reader sees the old file or the new
 one, never a torn one. Directories (checkpoints, adapters, merged models) get the same
 treatment: built under a temporary sibling, then swapped in.
+
+mkstemp/mkdtemp create 0600/0700 (private) entries; the results get the permissions a plain
+open()/mkdir would give (0644/0755 under the usual umask 022), so a checkpoint or adapter is as
+readable to others as the config.json written beside it.
 """
 
 import contextlib
@@ -26,6 +30,14 @@ def fsync_dir(path):
         os.close(fd)
 
 
+def umask():
+    """The process umask. Setting it is the only portable way to read it, so set it right back;
+    meanwhile it is 077, so a file another thread creates in that instant is private, never open."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_open(path, mode="wb"):
     """Open a temporary file beside `path`; on success it replaces `path`, on error it vanishes."""
@@ -35,6 +47,7 @@ def atomic_open(path, mode="wb"):
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=parent)
     try:
         with os.fdopen(fd, mode) as f:
+            os.fchmod(f.fileno(), 0o666 & ~umask())
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -63,6 +76,7 @@ def atomic_directory(path, overwrite=True):
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=parent)
     try:
+        os.chmod(tmp, 0o777 & ~umask())
         yield tmp
         for name in os.listdir(tmp):  # files written with plain open() still reach the disk
             fp = os.path.join(tmp, name)

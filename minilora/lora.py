@@ -132,6 +132,11 @@ class LoRALinear(nn.Module):
         self.rows = None  # during a mixed-adapter forward: adapters.RowAdapters, which routes each row
         self.stacked = None  # RowAdapters' cache: every slot's A and B side by side
 
+    @property
+    def weight(self):
+        """The frozen base weight, as PEFT exposes it: code reading e.g. lm_head.weight.device keeps working."""
+        return self.base_layer.weight
+
     def add_adapter(self, name, r, lora_alpha, lora_dropout=0.0, use_rslora=False, init_lora_weights=True):
         check_adapter_name(name)
         if name in self.lora_A:
@@ -243,6 +248,10 @@ def apply_lora(model, config, adapter_name="default", *, activate=True):
     refuse_if_merged(model, "add an adapter")
     targets = find_targets(model, config.target_modules, config.layers_to_transform)
     find_modules(model, config.modules_to_save or [])  # check the names before changing anything
+    for path, layer in ((p, model.get_submodule(p)) for p in targets):  # before allocating: r adds size, not rank
+        if config.r > min(layer.in_features, layer.out_features):
+            raise MiniloraError(f"LoRA rank {config.r} exceeds {path}'s min(in_features {layer.in_features}, out_features "
+                                f"{layer.out_features}); use r <= {min(layer.in_features, layer.out_features)} (--lora_r)")
     for path in targets:
         layer = model.get_submodule(path)
         if not isinstance(layer, LoRALinear):

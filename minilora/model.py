@@ -168,12 +168,12 @@ class GPT(nn.Module):
         cache_pos / cache_rows: where these tokens go in the KV cache (KVCache.update).
         """
         x = self._hidden(idx, pos, attn_mask, cache_pos, cache_rows)
-        if targets is not None and loss_only:
+        if targets is not None and loss_only and not hasattr(self.lm_head, "base_layer"):
             return None, LinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1))
-        if targets is not None:
+        if targets is not None:  # also a LoRA-wrapped head: the chunked loss only knows a plain weight
             logits = self.lm_head(x)  # (B, T, V)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
-            return logits, loss
+            return (None if loss_only else logits), loss
         if not all_logits:
             x = x[:, [-1], :]  # (B, 1, C): sampling needs only the last position
         return self.lm_head(x), None

@@ -114,6 +114,23 @@ class TrainConfig:
             raise MiniloraError(f"--lora_r must be >= 0 (0 = full fine-tuning), got {self.lora_r}")
         if self.epochs is not None and self.epochs <= 0:
             raise MiniloraError(f"--epochs must be positive, got {self.epochs}")
+        # Bad optimizer values otherwise fail late and obscurely (AdamW's own ValueError, or NaN weights
+        # many steps in); `not (lo <= x ...)` also catches NaN, which compares false with everything.
+        if not 0 < self.learning_rate < math.inf:
+            raise MiniloraError(f"--learning_rate must be positive and finite, got {self.learning_rate}")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.learning_rate:
+            raise MiniloraError(f"--min_lr must be between 0 and --learning_rate ({self.learning_rate}), got {self.min_lr}")
+        for name in ("warmup_iters", "weight_decay", "grad_clip"):
+            if not getattr(self, name) >= 0:
+                raise MiniloraError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.lora_alpha < math.inf:
+            raise MiniloraError(f"--lora_alpha must be positive and finite, got {self.lora_alpha}")
+        for name in ("beta1", "beta2", "lora_dropout", "dropout", "val_fraction"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 1:
+                raise MiniloraError(f"--{name} must be in [0, 1), got {value}")
+        if self.lr_decay_iters is not None and self.lr_decay_iters < 1:
+            raise MiniloraError(f"--lr_decay_iters must be at least 1, got {self.lr_decay_iters}")
 
     @property
     def lora(self):
@@ -282,14 +299,22 @@ def forward_backward(model, batches, rt, scaler=None):
 
 
 def optimizer_step(optimizer, scaler, grad_clip):
-    """Unscale (fp16), clip, step, zero; returns the gradient norm before clipping (or None)."""
-    norm = None
+    """Unscale (fp16), clip, step, zero; returns the gradient norm before clipping.
+
+    The norm is computed even with clipping off: a non-finite one means this step would write
+    inf/NaN (or, through Adam's overflowing second moment, silently nothing) into the weights, so
+    the step is skipped and the caller stops. Under fp16 the GradScaler owns that case: it skips
+    the step itself and lowers its scale, as loss scaling is meant to.
+    """
+    scaler.unscale_(optimizer)  # a no-op when the scaler is disabled (fp32, and bf16's wide range)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     if grad_clip > 0:
-        scaler.unscale_(optimizer)  # a no-op when the scaler is disabled (fp32, and bf16's wide range)
-        params = [p for g in optimizer.param_groups for p in g["params"]]
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
-    scaler.step(optimizer)
-    scaler.update()
+    else:  # one fused reduction; the gradients stay as they are
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]).item()
+    if math.isfinite(norm) or scaler.is_enabled():
+        scaler.step(optimizer)
+        scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return norm
 
@@ -368,11 +393,12 @@ def train(model, dataset, cfg, rt, eval_fn=None, stream=None):
         batches = [dataset.next_batch(cfg.batch_size * rt.world_size, rt.device) for _ in range(cfg.grad_accum)]
         loss = forward_backward(model, batches, rt, scaler)
         if not math.isfinite(loss):
-            kept = find_checkpoint(cfg.out_dir)
-            kept = f"the last good checkpoint, {kept}, is kept" if kept else "no checkpoint had been written yet"
-            raise MiniloraError(f"non-finite loss ({loss}) at step {iter_num + 1}; stopping: {kept}. "
-                                "Lower --learning_rate, keep --grad_clip on, or use --dtype bf16/fp32")
+            raise stop(f"non-finite loss ({loss})", iter_num + 1, cfg,
+                       "Lower --learning_rate, keep --grad_clip on, or use --dtype bf16/fp32")
         grad_norm = optimizer_step(optimizer, scaler, cfg.grad_clip)
+        if not math.isfinite(grad_norm) and not scaler.is_enabled():  # the step was skipped (see optimizer_step)
+            raise stop(f"non-finite gradient norm ({grad_norm})", iter_num + 1, cfg,
+                       "Lower --lora_alpha (updates are scaled by alpha/r) or --learning_rate")
         iter_num += 1
         n = sum(x.numel() for x, _ in batches) * rt.world_size
         tokens, tokens_log = tokens + n, tokens_log + n
@@ -403,6 +429,13 @@ def train(model, dataset, cfg, rt, eval_fn=None, stream=None):
     if losses:
         progress.note(summary(result, cfg))
     return result
+
+
+def stop(what, step, cfg, fix):
+    """The error that ends a run gone numerically bad; out_dir's checkpoint is left as it was."""
+    kept = find_checkpoint(cfg.out_dir)
+    kept = f"the last good checkpoint, {kept}, is kept" if kept else "no checkpoint had been written yet"
+    return MiniloraError(f"{what} at step {step}; stopping: {kept}. {fix}")
 
 
 def evaluate(model, dataset, cfg, rt, eval_fn=None):

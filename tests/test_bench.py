@@ -6,6 +6,7 @@ positive figures and well-formed ratios.
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,10 +31,12 @@ def test_bench_smoke_emits_json_with_every_row(tmp_path):
                  "decode_bf16", "prefill_unmerged", "prefill_merged"}
     expected |= {"serving_mixed", "serving_merged_one_by_one", "serving_base_batch", "server_concurrent",
                  "server_sequential"}
+    assert result["skipped_rows"] == ([] if result["bf16"]["native"] else ["train_lora_bf16", "train_full_bf16"])
+    expected -= set(result["skipped_rows"])  # a CPU without native bf16 skips those (see the next test)
     assert expected <= set(rows), sorted(expected - set(rows))
     for r in result["rows"]:
         assert math.isfinite(r["value"]) and r["value"] > 0, r
-    for name in ("train_lora_fp32", "train_full_bf16"):
+    for name in {"train_lora_fp32", "train_full_bf16"} & set(rows):
         assert rows[name]["mfu"] > 0 and rows[name]["peak_rss_mb"] > 0
     assert 0 < rows["decode_fp32"]["bandwidth_utilisation"]
     # LoRA trains 2 adapters (q, v) of r * (in + out) weights per block; full trains everything
@@ -45,7 +48,37 @@ def test_bench_smoke_emits_json_with_every_row(tmp_path):
     names = {r["name"] for r in result["ratios"]}
     assert {"train tok/s LoRA / full, fp32", "peak RSS LoRA / full", "prefill time unmerged / merged"} <= names
     for r in result["ratios"]:
-        assert r["value"] > 0 and isinstance(r["met"], bool) and r["target"][:2] in (">=", "<=")
+        assert r["target"][:2] in (">=", "<=")
+        assert r["value"] > 0 and isinstance(r["met"], bool) or r["value"] is None and r["met"] is None and r["skipped"]
+
+
+def test_bench_without_native_bf16_skips_the_bf16_training_rows_with_the_reason(tmp_path):
+    """MINILORA_ASSUME_NO_BF16=1 takes the branch a CPU without native bf16 takes (where bf16 is emulated
+    and its training rows alone would take many minutes): skipped rows and ratios, the reason printed."""
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, MINILORA_ASSUME_NO_BF16="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--smoke", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    header = proc.stdout.splitlines()[0]
+    assert "avx512_bf16" in header or "CPU flags unknown" in header  # the CPU's bf16 support, said up front
+    assert "bf16 autocast training rows skipped: MINILORA_ASSUME_NO_BF16 is set" in proc.stdout
+    assert "skipping the bf16 training rows" in proc.stderr and "train lora bf16" not in proc.stderr  # never ran
+    result = json.loads(out.read_text())
+    assert result["bf16"]["native"] is False and result["bf16"]["forced"] is True
+    assert result["skipped_rows"] == ["train_lora_bf16", "train_full_bf16"]
+    rows = {r["name"] for r in result["rows"]}
+    assert {"train_lora_fp32", "train_full_fp32", "decode_bf16"} <= rows and not rows & set(result["skipped_rows"])
+    skipped = {r["name"] for r in result["ratios"] if r["value"] is None}
+    assert skipped == {"train tok/s LoRA / full, bf16", "train MFU LoRA bf16 (of the bf16 matmul peak)",
+                       "train tok/s LoRA bf16 / fp32"}
+    for r in result["ratios"]:
+        if r["name"] in skipped:
+            assert r["met"] is None and "MINILORA_ASSUME_NO_BF16" in r["skipped"]
+        else:
+            assert r["value"] > 0 and isinstance(r["met"], bool)
+    assert proc.stdout.count("(needs the skipped bf16 training rows)") == 3
+    assert result["ceilings"]["matmul_bf16_gflops"] > 0  # from the short probe, not the full-size matmul
 
 
 
@@ -57,5 +90,6 @@ def test_bench_quick_mode_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert result["mode"] == "quick"
-    assert len(result["rows"]) == 18 and all(math.isfinite(r["value"]) and r["value"] > 0 for r in result["rows"])
+    assert len(result["rows"]) + len(result["skipped_rows"]) == 18
+    assert all(math.isfinite(r["value"]) and r["value"] > 0 for r in result["rows"])
     assert len({r["name"] for r in result["ratios"]}) == 13  # every target of the bench and generation issues

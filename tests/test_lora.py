@@ -3,6 +3,7 @@
 import copy
 import gc
 import math
+import re
 import weakref
 
 import pytest
@@ -257,6 +258,31 @@ def test_merging_a_tied_lm_head_is_refused():
     model = lora_tiny(target_modules=["lm_head"])
     with pytest.raises(MiniloraError, match="tied"):
         merge(model)
+
+
+def test_rank_above_a_targeted_layers_dimensions_is_refused_before_anything_changes():
+    model = tiny()  # n_embd 32: q_proj is 32x32, fc_in 32->128, lm_head 32->257
+    for targets, r, where in ((QV, 33, "transformer.h.0.attn.q_proj's min(in_features 32, out_features 32)"),
+                              (["fc_in"], 64, "transformer.h.0.mlp.fc_in's min(in_features 32, out_features 128)"),
+                              (["lm_head"], 258, "lm_head's min(in_features 32, out_features 257)")):
+        with pytest.raises(MiniloraError, match=re.escape(f"LoRA rank {r} exceeds {where}")):
+            apply_lora(model, LoraConfig(r=r, target_modules=targets))
+        assert not list(lora_layers(model)) and not hasattr(model, "peft_config")  # nothing was wrapped
+    apply_lora(model, LoraConfig(r=32, target_modules=QV))  # min(in, out) itself is a valid rank
+
+
+def test_lm_head_adapter_trains_through_the_loss_only_path():
+    """The chunked loss reads lm_head.weight, which would skip the adapter; a wrapped head takes the logits path."""
+    model = lora_tiny(target_modules=["lm_head"])
+    targets = torch.roll(IDX, -1, dims=1)
+    logits, loss = model(IDX, targets, loss_only=True)
+    assert logits is None
+    torch.testing.assert_close(loss, model(IDX, targets)[1], atol=0, rtol=0)
+    plain = tiny()
+    assert not torch.allclose(loss, plain(IDX, targets, loss_only=True)[1])  # the adapter is in the loss
+    loss.backward()
+    assert model.lm_head.lora_B["default"].weight.grad.abs().sum() > 0
+    assert model.lm_head.weight is model.lm_head.base_layer.weight  # PEFT's alias, for code reading .weight.device
 
 
 # ---- several adapters ------------------------------------------------------------------------

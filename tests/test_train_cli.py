@@ -14,11 +14,13 @@ import time
 import pytest
 import torch
 
+from minilora import GPT, GPTConfig
 from minilora.cli import main_guard
 from minilora.safetensors import load_file
 from minilora.checkpoint import find_checkpoint
 from minilora.runtime import setup_runtime
 from minilora.trainer import TrainConfig, build_model, load_data, save_output, train
+from scripts import run_script_here
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_PY = os.path.join(ROOT, "train.py")
@@ -32,6 +34,14 @@ def train_script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("base") / "base")
+    GPT(GPTConfig.from_name("tiny")).save_pretrained(path)
+    return path
 
 
 @pytest.fixture
@@ -162,3 +172,62 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path,
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)
     assert not any(name.startswith(".") and name != ".cache" for name in os.listdir(tmp_path / "ddp"))
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--learning_rate", "-1"), ("--learning_rate", "0"), ("--learning_rate", "nan"), ("--learning_rate", "inf"),
+    ("--beta1", "2"), ("--beta2", "1"), ("--beta1", "-0.1"), ("--min_lr", "-1"), ("--min_lr", "1"),
+    ("--warmup_iters", "-1"), ("--weight_decay", "-1"), ("--grad_clip", "-1"), ("--grad_clip", "nan"),
+    ("--lora_alpha", "0"), ("--lora_alpha", "inf"), ("--lora_dropout", "1"), ("--dropout", "-0.5"),
+    ("--lr_decay_iters", "0"), ("--val_fraction", "1"), ("--val_fraction", "-0.1")])
+def test_bad_training_options_are_refused_up_front_naming_the_flag(capsys, tmp_path, flag, value):
+    code, out, err = run_script_here(capsys, "train.py", flag, value, "--data", str(tmp_path / "none.txt"),
+                                     "--out_dir", str(tmp_path / "out"))
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith(f"error: {flag} must be"), err  # not "no such file", not a traceback
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_huge_lora_alpha_stops_on_the_non_finite_gradient_norm(capsys, tmp_path, text_file, base_dir):
+    """alpha/r = 1.25e29 overflows the gradient norm at step 1 (the loss itself is still finite, as B starts at 0);
+    without the check, AdamW's overflowing second moment turns every update into 0 and "saved adapter" follows."""
+    for grad_clip in ("1.0", "0"):  # clipping off still computes the norm for the check
+        out_dir = tmp_path / f"clip{grad_clip}"
+        code, out, err = run_script_here(capsys, "train.py", "--init_from", base_dir, "--data", text_file,
+                                         "--out_dir", str(out_dir), "--lora_alpha", "1e30", "--grad_clip", grad_clip,
+                                         "--max_iters", "3", "--block_size", "16", "--batch_size", "2",
+                                         "--device", "cpu", "--dtype", "fp32", "--eval_examples", "0")
+        assert code == 2 and "saved adapter" not in out
+        assert err.count("\n") == 1 and "non-finite gradient norm (inf) at step 1; stopping" in err, err
+        assert "--lora_alpha" in err and not os.path.exists(out_dir / "adapter_model.safetensors")
+
+
+def test_lora_rank_above_a_layers_dimensions_is_refused_at_once(capsys, tmp_path, text_file, base_dir):
+    for extra in ([], ["--dry_run"]):
+        code, out, err = run_script_here(capsys, "train.py", "--init_from", base_dir, "--data", text_file, "--out_dir",
+                                         str(tmp_path / "out"), "--lora_r", "100000", "--device", "cpu",
+                                         "--max_iters", "1", "--block_size", "16", *extra)
+        assert code == 2 and err.count("\n") == 1, err
+        assert "LoRA rank 100000 exceeds transformer.h.0.attn.q_proj's min(in_features 32, out_features 32)" in err
+        assert not os.path.exists(tmp_path / "out")
+
+
+def test_lora_on_lm_head_trains_saves_and_generates(capsys, tmp_path, text_file, base_dir):
+    """The chunked loss reads a plain head weight; a LoRA-wrapped head takes the logits path instead."""
+    out_dir = str(tmp_path / "head")
+    code, out, err = run_script_here(capsys, "train.py", "--init_from", base_dir, "--data", text_file, "--out_dir",
+                                     out_dir, "--target_modules", "lm_head", "--lora_r", "4", "--max_iters", "3",
+                                     "--warmup_iters", "0", "--block_size", "16", "--batch_size", "2", "--device", "cpu",
+                                     "--dtype", "fp32", "--eval_examples", "0")
+    assert code == 0, err
+    assert f"saved adapter to {out_dir}" in out
+    weights = load_file(os.path.join(out_dir, "adapter_model.safetensors"))
+    assert sorted(weights) == ["base_model.model.lm_head.lora_A.weight", "base_model.model.lm_head.lora_B.weight"]
+    assert weights["base_model.model.lm_head.lora_B.weight"].abs().sum() > 0  # it trained
+    code, out, err = run_script_here(capsys, "generate.py", "--adapter", out_dir, "--prompt", "Line",
+                                     "--max_new_tokens", "4", "--device", "cpu")
+    assert code == 0, err
+    # merging is refused, in one line: GPT-2's head is tied to the input embedding
+    code, out, err = run_script_here(capsys, "generate.py", "--adapter", out_dir, "--merge", "--max_new_tokens", "2",
+                                     "--device", "cpu")
+    assert code == 2 and err.count("\n") == 1 and "tied" in err and "keep this adapter unmerged" in err

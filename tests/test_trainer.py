@@ -218,6 +218,35 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path, text_file):
     assert state["iter_num"] == 4
 
 
+@pytest.mark.parametrize("grad_clip", [1.0, 0.0])  # 0 = no clipping, but the norm is still checked
+def test_non_finite_gradient_norm_stops_naming_the_step_and_skips_the_update(tmp_path, text_file, grad_clip):
+    cfg = make_cfg(tmp_path, text_file, max_iters=10, checkpoint_interval=2, grad_clip=grad_clip)
+    rt = setup_runtime(cfg)
+    model, info = build_model(cfg, rt)
+    dataset = load_data(cfg, info.tokenizer, model.config.block_size, rt)
+    calls = []
+
+    def poison(grad):  # step 5's gradient of one weight is NaN; its loss is finite
+        calls.append(1)
+        return grad * float("nan") if len(calls) == 5 else grad
+    model.transformer.h[0].mlp.fc_in.weight.register_hook(poison)
+    with pytest.raises(MiniloraError, match=r"non-finite gradient norm \(nan\) at step 5; stopping: the last good checkpoint"):
+        train(model, dataset, cfg, rt, stream=io.StringIO())
+    state = torch.load(os.path.join(cfg.out_dir, "checkpoint", "state.pt"), weights_only=True)
+    assert state["iter_num"] == 4
+    # the bad update was never applied: the weights are still step 4's, the ones the checkpoint holds
+    saved = load_file(os.path.join(cfg.out_dir, "checkpoint", "model.safetensors"))
+    current = dict(model.named_parameters())
+    assert saved and all(torch.equal(current[k], v) for k, v in saved.items())
+
+
+def test_grad_norm_is_logged_with_clipping_off(tmp_path, text_file):
+    run(make_cfg(tmp_path, text_file, max_iters=2, grad_clip=0.0))
+    with open(os.path.join(tmp_path, "out", "log.jsonl")) as f:
+        norms = [r["grad_norm"] for r in map(json.loads, f) if "loss" in r]
+    assert len(norms) == 2 and all(math.isfinite(n) and n > 0 for n in norms)
+
+
 # ---- output directory and progress ---------------------------------------------------------------
 
 def test_lora_output_dir_holds_peft_adapter_and_metadata(tmp_path, jsonl_file, base_dir):

@@ -3,7 +3,7 @@ every bad input gets one clear error (a 4xx, or exit 2 with one line), never a 5
 
 One test per finding; each was checked to fail with its fix reverted (named in its docstring).
 Servers run in-process (Server(App(Engine(...))) on port 0) and scripts through their main_guard,
-so the whole file takes a few seconds.
+so the whole file takes about ten seconds.
 """
 
 import copy
@@ -23,7 +23,7 @@ import torch
 
 from minilora import GPT, GPTConfig, LoraConfig, MiniloraError, apply_lora, load_adapter, save_adapter
 import minilora.loading
-from minilora.generation import generate, sample_next
+from minilora.generation import generate, sample_next, stream_generate
 from minilora.openai_server import App, Server
 from minilora.registry import AdapterRegistry
 from minilora.safetensors import load_file, read_header, save_file
@@ -268,8 +268,8 @@ def test_64_concurrent_clients_are_all_served(world):
 
 # ---- 5. malformed requests: 4xx, never 500 -------------------------------------------------------
 
-@pytest.mark.parametrize("route", ["/v1/load_lora_adapter", "/v1/unload_lora_adapter"])
-@pytest.mark.parametrize("body", [[], None, "x"])
+@pytest.mark.parametrize("route", ["/v1/load_lora_adapter", "/v1/unload_lora_adapter"], ids=["route_load", "route_unload"])
+@pytest.mark.parametrize("body", [[], None, "x"], ids=["list", "null", "string"])
 def test_load_unload_non_object_bodies_are_4xx(world, route, body):
     """Reverted fix: App.load / App.unload calling body.get on a list, null or string (a 500)."""
     conn = http.client.HTTPConnection(*world["server"].server_address[:2], timeout=10)
@@ -294,10 +294,12 @@ def test_lora_path_with_nul_or_under_proc_is_4xx_and_says_nothing_about_existenc
 
 
 def test_non_ascii_digit_content_length_is_400(world):
-    """Reverted fix: Handler._json's isascii/isdigit test ("²".isdigit() is True, int("²") raises: a 500)."""
+    """Reverted fix: Handler._json's isascii/isdigit test ("²".isdigit() is True, int("²") raises: a 500).
+    Header bytes are read as latin-1: b"\\xb2" is "²", and "²" typed in UTF-8 arrives as "Â²"."""
     for route in (b"/v1/completions", b"/v1/load_lora_adapter"):
-        head = b"POST " + route + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: \xc2\xb2\r\n\r\n{}"
-        assert raw_status(world["server"], head) == 400
+        for size in (b"\xb2", "²".encode()):
+            head = b"POST " + route + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+            assert raw_status(world["server"], head + size + b"\r\n\r\n{}") == 400, (route, size)
 
 
 # ---- 6. adapter files with non-float tensors ------------------------------------------------------
@@ -356,7 +358,7 @@ def test_scheduler_error_is_logged_with_a_traceback(world, capsys):
 # ---- 8. an adapter naming a base it must not be loaded from -----------------------------------------------
 
 @pytest.mark.parametrize("script", ["generate.py", "merge.py"])
-@pytest.mark.parametrize("named", ["gpt3-175b", "scratch:gpt2-xl", 12, ["x"]])
+@pytest.mark.parametrize("named", ["gpt3-175b", "scratch:gpt2-xl", 12, ["x"]], ids=["gpt3", "scratch", "int", "list"])
 def test_adapter_naming_a_preset_or_non_string_base_is_refused(world, tmp_path, capsys, monkeypatch, script, named):
     """Reverted fix: loading.adapter_base's preset/scratch test (gpt3-175b built a 175B random model) and its
     string test (12 or ["x"] reached load_model: a TypeError traceback)."""
@@ -444,20 +446,20 @@ def test_resume_from_a_damaged_state_pt_is_one_line(checkpointed, tmp_path, caps
     assert code == 2 and err.count("\n") == 1 and str(state) in err and "Traceback" not in err, err
 
 
-@pytest.mark.parametrize("unbuffered", ["0", "1"])
-def test_params_table_into_a_closed_pipe_is_quiet(unbuffered):
-    """`python -m minilora.params --table | head -1`, with the reader gone before anything is written.
-    Reverted fix: cli.main_guard's BrokenPipeError handler (a traceback; PYTHONUNBUFFERED=1), and its
-    flush inside the guard with stdout sent to /dev/null ("Exception ignored ... BrokenPipeError", exit 120)."""
+def test_params_table_into_a_closed_pipe_is_quiet():
+    """`python -m minilora.params --table | head -1`, with the reader gone before anything is written,
+    stdout block-buffered (a terminal user's default) and unbuffered (PYTHONUNBUFFERED=1).
+    Reverted fix: cli.main_guard's BrokenPipeError handler (unbuffered: a traceback), and its flush
+    inside the guard with stdout then sent to /dev/null (buffered: "Exception ignored ... BrokenPipeError", exit 120)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    if unbuffered == "1":
-        env["PYTHONUNBUFFERED"] = "1"
-    proc = subprocess.Popen([sys.executable, "-m", "minilora.params", "--table"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    proc.stdout.close()
-    err = proc.stderr.read().decode()
-    proc.stderr.close()
-    assert proc.wait(timeout=60) == 0 and err == "", err
+    procs = [subprocess.Popen([sys.executable, "-m", "minilora.params", "--table"], cwd=ROOT, env={**env, **extra},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for extra in ({}, {"PYTHONUNBUFFERED": "1"})]
+    for proc in procs:  # both at once: each spends seconds importing torch
+        proc.stdout.close()
+    for proc in procs:
+        err = proc.stderr.read().decode()
+        proc.stderr.close()
+        assert proc.wait(timeout=60) == 0 and err == "", err
 
 
 # ---- 11. the error names the missing directory ---------------------------------------------------------------
@@ -477,7 +479,8 @@ def test_missing_adapter_or_model_directory_is_named(tmp_path, capsys, monkeypat
 # ---- 12. generate() on a model a serving engine holds -------------------------------------------------------
 
 def test_generate_on_a_served_model_is_refused_and_the_engine_keeps_serving(world):
-    """Reverted fix: GenerationStream's kv_cache_kind test (generate() replaced, then freed, the engine's cache)."""
+    """Reverted fix: model.setup_kv_cache's in-use test (generate() replaced, then freed, the engine's cache),
+    and GenerationStream's, which refuses at the call, before the first event."""
     model = copy.deepcopy(world["base"])
     engine = Engine(model, TOK, AdapterRegistry(model, max_loras=1), max_num_seqs=2).start()
     ids = TOK.encode("Hello")
@@ -492,6 +495,8 @@ def test_generate_on_a_served_model_is_refused_and_the_engine_keeps_serving(worl
         before = served()
         with pytest.raises(MiniloraError, match="KV cache is in use"):
             generate(model, [ids], 12, temperature=0)
+        with pytest.raises(MiniloraError, match="KV cache is in use"):
+            stream_generate(model, [ids], 12, temperature=0)  # at the call, not at the first next()
         assert served() == before
     finally:
         engine.stop()

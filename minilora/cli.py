@@ -16,6 +16,7 @@ as fp32|bf16|fp16 or float32|bfloat16|float16 (parse_dtype).
 
 import argparse
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -110,13 +111,16 @@ def parse_args(cls, argv=None, description=None):
 def main_guard(main):
     """Run main(); a MiniloraError or a missing file ends the script with one line, not a traceback."""
     try:
-        return main()
+        out = main()
+        sys.stdout.flush()  # a reader that went away (`| head`) shows here, in the guard, not at exit
+        return out
     except (MiniloraError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
             PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except BrokenPipeError:  # `... | head` closed the pipe: not an error of ours
-        sys.stderr.close()
+        # stdout to /dev/null (Python's docs): the flush at exit would fail again ("Exception ignored", exit 120)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -46,15 +46,17 @@ from minilora.errors import MiniloraError
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """One token id per row from logits (B, V) -> (B,) LongTensor.
 
-    temperature 0 is argmax (ties go to the lowest id) and ignores top_k/top_p. top_k keeps
-    exactly k tokens even when several tie with the k-th. top_p keeps the smallest set of most
-    likely tokens whose probability reaches top_p (always at least the top one).
+    temperature 0 (or one below float32's smallest normal number) is argmax (ties go to the lowest
+    id) and ignores top_k/top_p. top_k keeps exactly k tokens even when several tie with the k-th.
+    top_p keeps the smallest set of most likely tokens whose probability reaches top_p (always at
+    least the top one).
     """
     if not bool(torch.isfinite(logits).all()):
         raise MiniloraError("the model produced NaN or inf logits; check the weights and adapter (e.g. a huge lora_alpha)")
-    if temperature == 0:
+    if temperature < torch.finfo(torch.float32).tiny:
+        # 0, or so small it is 0 for float32 (1e-300 rounds to 0, and 0/0 = NaN): greedy, the limit as t -> 0
         return logits.argmax(dim=-1)
-    # The max is subtracted first, so the top logit is exactly 0 and a tiny temperature (1e-39) gives
+    # The max is subtracted first, so the top logit is exactly 0 and a tiny temperature (1e-37) gives
     # -inf to the rest, never inf - inf = NaN: it samples the argmax, as temperature -> 0 should.
     logits = logits.float()
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature

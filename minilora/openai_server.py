@@ -184,7 +184,10 @@ class App:
 
         refuse = ApiError(403, f"'{path}' is outside the directories this server may load adapters from",
                           "forbidden", "lora_path")
-        real = os.path.realpath(path)
+        try:
+            real = os.path.realpath(path)
+        except OSError:  # a link it may not read (/proc/1/root): refused alike, whether or not it exists
+            raise refuse from None
         if not inside(real):
             raise refuse
         try:

@@ -177,7 +177,10 @@ class AdapterRegistry:
         if w is None:  # evicted from the CPU cache: read (and check) it again, as the first time
             path = self.paths[name]
             if name in self.checks:
-                self.checks[name](path)
+                try:
+                    self.checks[name](path)
+                except Exception as e:  # the server's refusal (an ApiError, 403): a failure of this name only
+                    raise MiniloraError(str(e)) from None
             w = self.read(name, path)
         self._cache(name, w)
         return w

@@ -118,9 +118,9 @@ def load_model(arg, *, adapter=None, preset="tiny", seed=None, dropout=None, tra
     else:
         model, base = GPT.from_pretrained(arg, dropout=dropout), os.path.abspath(arg)
     if adapter is not None:
-        _warn_other_base(adapter, base)
         name = "default" if not hasattr(model, "peft_config") else "cli"
         load_adapter(model, adapter, adapter_name=name)
+        _warn_other_base(adapter, base)  # it fits this base's shapes; is it the base it was trained on?
         set_adapter(model, list(model.peft_config))  # a LoRA run dir's own adapter stays on beside --adapter
     return (model if trainable else model.eval()), base
 

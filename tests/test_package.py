@@ -39,7 +39,7 @@ def test_imports_form_no_cycle_and_none_hide_inside_functions():
     graph = imports()
     local = [(m, t, line) for m, found in graph.items() for t, where in found.items() for line, top in where if not top]
     assert not local, f"function-local imports of the package: {local}"
-    order, state = [], {}
+    state = {}
 
     def visit(m, path):
         state[m] = "open"

@@ -6,6 +6,9 @@ oversized, slow (byte-at-a-time) and disconnecting ones. Afterwards: zero 5xx, e
 4xx, /health answers, no handler thread left behind, RSS back near its starting level, and every
 valid greedy answer identical to the same request served alone. Runtime adapter loading refuses
 paths outside --allowed-lora-dir ('..', absolute paths elsewhere, symlinks out).
+A second server (3 adapters, --max-loras 2 --max-cpu-loras 2: evicted and re-read all along) takes 64 clients
+mixing innocent greedy requests with poisoned ones (tiny temperatures, a lora_alpha=1e300 runtime load, an
+adapter whose files vanished after it was evicted, malformed bodies): innocent answers must not change.
 MINILORA_SOAK=1 (or `pytest --soak`): 10x the requests (a few thousand).
 """
 
@@ -14,9 +17,11 @@ import json
 import os
 import random
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -270,3 +275,213 @@ def test_soak_16_clients_mixing_valid_and_abusive_requests(server):
     assert threads1 <= threads0, "handler threads were left behind"
     assert "Traceback" not in server["stderr"].read_text(), "the server printed tracebacks (clients hanging up?)"
     assert rss1 < rss0 * 1.5 + 64, f"RSS grew from {rss0:.0f} to {rss1:.0f} MiB"
+
+
+# ---- many adapters under eviction, with poisoned requests in the mix --------------------------------------------
+
+ADAPTERS = ["sql", "sql_orders", "text2sql"]  # served from the start; --max-cpu-loras 2, --max-loras 2: evicted, re-read
+LORA_CLIENTS, PER_CLIENT, REQUEST_TIMEOUT = 64, 3 * SOAK, 30.0
+LORA_VALID = [  # greedy: exactly one right answer each, the same whatever else shares the batch
+    dict(prompt="SELECT name FROM users WHERE", max_tokens=10),
+    dict(prompt="Hello", max_tokens=8, stream=True),
+    dict(prompt=["SELECT *", "12345"], max_tokens=6),
+    dict(prompt="SELECT id FROM orders", max_tokens=12, stream=True),
+]
+LORA_VALID = [{"model": m, **v, "temperature": 0} for m in ["base", *ADAPTERS] for v in LORA_VALID]
+LORA_BAD = [  # each a 4xx
+    b"{", b"null", b'{"model": "sql", "prompt": "x", "temperature": NaN}',
+    b'{"model": "sql", "prompt": "x", "temperature": -Infinity}', b'{"model": "sql", "prompt": "x", "temperature": 1e39}', b'{"model": "sql", "prompt": "x", "temperature": -1e-39}',
+    b'{"model": "sql", "prompt": "x", "max_tokens": 0}', b'{"model": "sql_order", "prompt": "x"}', b'{"model": "sql", "prompt": [257]}',
+]
+LORA_BAD_ADMIN = [  # runtime (un)loading abused: each a 4xx
+    ("/v1/load_lora_adapter", b'{"lora_name": "x"}'), ("/v1/load_lora_adapter", b'{"lora_name": "sql", "lora_path": "ALLOWED/huge"}'),
+    ("/v1/load_lora_adapter", b'{"lora_name": "x", "lora_path": "ALLOWED/no_such_adapter"}'),
+    ("/v1/load_lora_adapter", b'{"lora_name": "a.b", "lora_path": "ALLOWED/huge"}'),
+    ("/v1/unload_lora_adapter", b'{"lora_name": "no_such_adapter"}'), ("/v1/unload_lora_adapter", b"[]"),
+]
+
+
+def strong_adapter(base, path, seed, alpha=None):
+    """A random adapter on q/v/fc_in with A and B ~ N(0, 0.3): strong enough to change greedy text."""
+    model = apply_lora(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "fc_in"]))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    save_adapter(model, path)
+    if alpha is not None:  # finite weights, but B * lora_alpha / r overflows float32
+        config = json.loads((path / "adapter_config.json").read_text())
+        (path / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": alpha}))
+
+
+@pytest.fixture(scope="module")
+def lora_server(tmp_path_factory):
+    """serve.py with 3 adapters, 2 CPU-cache entries and 2 slots, runtime loading from one allowed directory."""
+    root = tmp_path_factory.mktemp("lora_soak")
+    torch.manual_seed(0)
+    base = GPT(GPTConfig.from_name("tiny"))
+    with torch.no_grad():  # peaked logits (larger weights than GPT-2's init), so greedy texts vary
+        for p in base.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.3)
+    base.save_pretrained(root / "base")
+    allowed = root / "allowed"
+    for i, name in enumerate(ADAPTERS):
+        strong_adapter(base, root / name, seed=100 + i)
+    strong_adapter(base, allowed / "gone", seed=200)
+    strong_adapter(base, allowed / "huge", seed=300, alpha=1e300)
+    out, err = root / "stdout", root / "stderr"
+    with open(out, "w") as fo, open(err, "w") as fe:
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--init_from", str(root / "base"),
+                                 "--served-model-name", "base", "--lora-modules", *[f"{n}={root / n}" for n in ADAPTERS],
+                                 "--port", "0", "--threads", "1", "--max-num-seqs", "8", "--max-loras", "2",
+                                 "--max-cpu-loras", "2", "--enable-runtime-lora-updating", "--allowed-lora-dir", str(allowed)],
+                                cwd=ROOT, stdout=fo, stderr=fe, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while " on http://" not in out.read_text() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    line = out.read_text()
+    if " on http://" not in line:
+        proc.kill()
+        pytest.fail(f"serve.py did not start: {line}{err.read_text()[-2000:]}")
+    port = int(line.split(" on ")[1].split()[0].split(":")[2].split("/")[0])
+    yield dict(port=port, pid=proc.pid, allowed=allowed, stderr=err)
+    proc.kill()
+    proc.communicate(timeout=30)
+
+
+def deadline_exchange(port, data, timeout=REQUEST_TIMEOUT):
+    """Like exchange, but nothing is swallowed and the whole request has one deadline:
+    -> (status, body, seconds) or (an error name: 'hang', 'reset', ..., None, seconds)."""
+    t0 = time.time()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.sendall(data)
+            chunks = []
+            while True:
+                left = t0 + timeout - time.time()
+                if left <= 0:
+                    raise TimeoutError
+                s.settimeout(left)
+                if not (chunk := s.recv(65536)):
+                    break
+                chunks.append(chunk)
+    except (TimeoutError, socket.timeout):
+        return "hang", None, time.time() - t0
+    except (ConnectionResetError, ConnectionRefusedError, BrokenPipeError, ConnectionAbortedError) as e:
+        return f"reset ({type(e).__name__})", None, time.time() - t0
+    raw = b"".join(chunks)
+    if not raw.startswith(b"HTTP/"):
+        return f"not HTTP: {raw[:60]!r}", None, time.time() - t0
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body, time.time() - t0
+
+
+def completion(body):
+    return request("POST", "/v1/completions", json.dumps(body).encode())
+
+
+def stream_error(body):
+    """The error object of a server-sent-events stream that carries one (and no text), else None."""
+    if not body.startswith(b"data: "):
+        return None
+    events = [e[6:] for e in body.decode().split("\n\n") if e.startswith("data: ")]
+    chunks = [json.loads(e) for e in events if e != "[DONE]"]
+    errors = [c["error"] for c in chunks if "error" in c]
+    texts = [ch["text"] for c in chunks for ch in c.get("choices", [])]
+    return errors[0] if errors and not "".join(texts) and events[-1] == "[DONE]" else None
+
+
+def lora_client(port, allowed, c, reference, start):
+    """PER_CLIENT requests mixing innocent greedy ones and poisoned ones -> [(kind, status, ok, seconds)]."""
+    rng = random.Random(f"lora-client-{c}")
+    start.wait()
+    out = []
+    for j in range(PER_CLIENT):
+        kind = rng.choices(["innocent", "tiny_temperature", "huge_alpha", "vanished", "malformed"],
+                           weights=[50, 16, 8, 10, 16])[0]
+        i = rng.randrange(len(LORA_VALID))
+        if kind in ("innocent", "tiny_temperature"):
+            body = dict(LORA_VALID[i])
+            if kind == "tiny_temperature":
+                body["temperature"] = rng.choice([1e-39, 1e-300])  # float32 rounds it to 0: must still be greedy
+            status, raw, took = deadline_exchange(port, completion(body))
+            try:
+                ok = status == 200 and answer(raw) == reference[i]
+            except (ValueError, KeyError, AssertionError):  # a stream carrying an error event instead of text
+                ok = False
+        elif kind == "huge_alpha":  # a unique name: were one accepted, the next must not be refused as a duplicate
+            status, raw, took = deadline_exchange(port, request("POST", "/v1/load_lora_adapter", json.dumps(
+                {"lora_name": f"huge_{c}_{j}", "lora_path": str(allowed / "huge")}).encode()))
+            ok = status == 400 and b"overflows float32" in raw
+        elif kind == "vanished":  # evicted, then its files deleted: an error for this request, quickly, never a hang
+            stream = rng.random() < 0.3
+            status, raw, took = deadline_exchange(port, completion({**LORA_VALID[i], "model": "gone", "stream": stream}))
+            kind += "_stream" if stream else ""
+            ok = (isinstance(status, int) and status >= 400 and b"gone" in raw) or \
+                 (stream and status == 200 and "gone" in (stream_error(raw) or {}).get("message", ""))
+        else:
+            if rng.random() < 0.5:
+                data = request("POST", "/v1/completions", rng.choice(LORA_BAD))
+            else:
+                path, body = rng.choice(LORA_BAD_ADMIN)
+                data = request("POST", path, body.replace(b"ALLOWED", str(allowed).encode()))
+            status, raw, took = deadline_exchange(port, data)
+            ok = isinstance(status, int) and 400 <= status < 500
+        out.append((kind, status, ok, took))
+    return out
+
+
+def test_soak_64_clients_over_evicted_adapters_with_poisoned_requests(lora_server):
+    """64 clients at once, each on its own connections: innocent greedy requests on the base and 3 adapters
+    (2 CPU-cache entries, 2 slots: adapters are evicted and re-read from disk all along), interleaved with
+    tiny temperatures (200, greedy), runtime loads of a lora_alpha=1e300 adapter (400), requests for an
+    adapter whose files were deleted after it was loaded and evicted (an error, the only 5xx allowed) and
+    malformed bodies (4xx). Every innocent answer must equal the same request served alone."""
+    port, allowed = lora_server["port"], lora_server["allowed"]
+    status, raw, _ = deadline_exchange(port, request("POST", "/v1/load_lora_adapter", json.dumps(
+        {"lora_name": "gone", "lora_path": str(allowed / "gone")}).encode()))
+    assert status == 200, raw
+    reference = []  # each alone; this also pushes 'gone' (never used, so in no slot) out of the 2-entry CPU cache
+    for body in LORA_VALID:
+        status, raw, _ = deadline_exchange(port, completion(body))
+        assert status == 200, (body, raw)
+        reference.append(answer(raw))
+    assert all(text for ans in reference for text, _ in ans), "references should be non-empty greedy text"
+    per_model = {m: [r for b, r in zip(LORA_VALID, reference) if b["model"] == m] for m in ["base", *ADAPTERS]}
+    changed = [m for m in ADAPTERS if per_model[m] != per_model["base"]]
+    assert len(changed) >= 2, f"adapters too weak to change greedy text: only {changed} do"
+    shutil.rmtree(allowed / "gone")
+    status, raw, took = deadline_exchange(port, completion({**LORA_VALID[0], "model": "gone"}))
+    assert isinstance(status, int) and status >= 400 and b"gone" in raw and took < 5, (status, raw, took)
+
+    start = threading.Barrier(LORA_CLIENTS, timeout=60)
+    t0 = time.time()
+    with ThreadPoolExecutor(LORA_CLIENTS) as pool:
+        results = [r for rs in pool.map(lambda c: lora_client(port, allowed, c, reference, start), range(LORA_CLIENTS))
+                   for r in rs]
+    took = time.time() - t0
+    health = deadline_exchange(port, request("GET", "/health"))[0]
+    again = [answer(deadline_exchange(port, completion(b))[1]) for b in LORA_VALID]
+
+    counts, slowest = {}, {}
+    for kind, status, _, seconds in results:
+        counts.setdefault(kind, {}).setdefault(status, 0)
+        counts[kind][status] += 1
+        slowest[kind] = max(slowest.get(kind, 0), seconds)
+    vanished = ("vanished", "vanished_stream")
+    broken = [(k, s) for k, s, _, _ in results if not isinstance(s, int)]  # resets, refusals, hangs, garbage
+    fivexx = [(k, s) for k, s, _, _ in results if isinstance(s, int) and s >= 500 and k not in vanished]
+    wrong = [(k, s) for k, s, ok, _ in results if not ok and isinstance(s, int)]
+    print(f"\n[lora soak] {len(results)} requests from {LORA_CLIENTS} clients in {took:.1f} s; by kind and status: "
+          f"{counts}; slowest (s): { {k: round(v, 2) for k, v in slowest.items()} }; "
+          f"{sum(1 for k, s, _, _ in results if k in vanished and isinstance(s, int) and s >= 500)} vanished-adapter 5xx, "
+          f"{len(fivexx)} other 5xx, {len(broken)} resets/refusals/hangs; adapters changing the base's greedy text: {changed}")
+    assert {"innocent", "tiny_temperature", "huge_alpha", "malformed"} <= set(counts) and set(vanished) & set(counts)
+    assert not broken, f"connection resets, refusals or hangs: {broken[:10]}"
+    assert not fivexx, f"5xx other than the vanished adapter's: {fivexx[:10]}"
+    assert not wrong, f"wrong answer or status (kind, status): {wrong[:10]}"
+    assert health == 200
+    assert again == reference, "answers after the soak differ from before it"
+    assert "Traceback" not in lora_server["stderr"].read_text(), "the server printed tracebacks"

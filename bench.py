@@ -140,9 +140,8 @@ def worker_train(p):
     x, y = torch.randint(V, (B, T), generator=g), torch.randint(V, (B, T), generator=g)
     trainable = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-    # The model's logits-free loss path when it has one (see GPT.forward's loss_only)
 
-    def step():
+    def step():  # GPT.forward's logits-free loss path, as train.py's step
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=p["dtype"] == "bf16"):
             _, loss = model(x, y, loss_only=True)
         loss.backward()

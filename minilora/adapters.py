@@ -160,6 +160,7 @@ class RowAdapters:
     slots: list
     row_slot: torch.Tensor
     pad_rank: int | None = None
+    single: str | None = None  # set when every row uses this one adapter and nothing is padded
 
     def forward(self, layer, x, result):
         """result + each row's own adapter update in `layer`; rows on the base model stay bit-identical.
@@ -174,9 +175,8 @@ class RowAdapters:
         its neighbours use (the server's "same answer alone or batched").
         """
         slot = self.row_slot
-        names = {self.slots[s] for s in slot.tolist() if s >= 0}
-        if self.pad_rank is None and len(names) == 1 and bool((slot >= 0).all()):
-            name = names.pop()  # one adapter for the whole batch: the plain path at its own rank
+        if self.single is not None:  # one adapter for the whole batch: the plain path at its own rank
+            name = self.single
             return result + layer.lora_update(x, name).to(result.dtype) if name in layer.lora_A else result
         A, B, col_slot, present = self._stacked(layer)
         use = (slot >= 0) & present[slot.clamp(min=0)]  # (B,) rows with an update in this layer
@@ -227,7 +227,8 @@ def adapter_rows(model, adapter_names, *, slots=None, pad_rank=None):
         raise MiniloraError(f"adapter(s) {missing} have no slot in {slots}")
     device = next(model.parameters()).device
     row_slot = torch.tensor([-1 if n == BASE_ADAPTER else slots.index(n) for n in names], device=device)
-    with _set_on_layers(model, "rows", RowAdapters(slots, row_slot, pad_rank)):
+    single = names[0] if pad_rank is None and len(set(names)) == 1 and names[0] != BASE_ADAPTER else None
+    with _set_on_layers(model, "rows", RowAdapters(slots, row_slot, pad_rank, single)):
         yield model
 
 

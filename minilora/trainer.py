@@ -195,6 +195,8 @@ class Run:
 
 def start_run(cfg):
     """The runtime, the model to train and the data, as train.py and the quickstart use them."""
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise MiniloraError(f"--out_dir {cfg.out_dir} is a file; pass a directory (new or one train.py wrote)")
     rt = setup_runtime(cfg)
     try:
         model, info = build_model(cfg, rt)

@@ -502,3 +502,25 @@ def test_generate_on_a_served_model_is_refused_and_the_engine_keeps_serving(worl
         engine.stop()
     out = generate(model, [ids], 12, temperature=0, eot_token=TOK.eot_token, tokenizer=TOK)
     assert out.texts[0] == before
+
+
+def test_misleading_errors_name_the_real_problem_and_the_flag(tmp_path, capsys):
+    """Issue 13.13's leftovers: an --out_dir that is a file, held-out data too short, a pickle adapter."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("tiny text\n" * 3)
+    code, _, err = run_script_here(capsys, "train.py", "--lora_r", "0", "--data", str(corpus), "--out_dir", str(afile))
+    assert code == 2 and "--out_dir" in err and "is a file" in err and "Errno" not in err
+    code, _, err = run_script_here(capsys, "train.py", "--lora_r", "0", "--data", str(corpus), "--block_size", "8",
+                                   "--val_fraction", "0.001", "--out_dir", str(tmp_path / "o"))
+    assert code == 2 and "--val_data" in err and "--val_fraction" in err
+    model = GPT(GPTConfig.from_name("tiny"))
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    apply_lora(model, LoraConfig(r=2))
+    save_adapter(model, tmp_path / "ok")
+    (pickled / "adapter_config.json").write_text((tmp_path / "ok" / "adapter_config.json").read_text())
+    torch.save({}, pickled / "adapter_model.bin")
+    with pytest.raises(MiniloraError, match="convert it to adapter_model.safetensors"):
+        load_adapter(GPT(GPTConfig.from_name("tiny")), pickled)

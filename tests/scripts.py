@@ -4,6 +4,12 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
+
+import pytest
+import torch
+
+from minilora import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,3 +33,36 @@ def run_script_here(capsys, name, *args):
         code = e.code
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def serve_process(workdir, *args):
+    """serve.py on 127.0.0.1, any free port, one thread -> (Popen, base URL http://127.0.0.1:PORT/v1).
+
+    Its output goes to workdir/stdout and workdir/stderr (files, not pipes: an undrained pipe could
+    block the server). The caller kills the process."""
+    out, err = os.path.join(workdir, "stdout"), os.path.join(workdir, "stderr")
+    with open(out, "w") as fo, open(err, "w") as fe:
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--port", "0", "--threads", "1", *args],
+                                cwd=ROOT, stdout=fo, stderr=fe, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    read = lambda path: open(path).read()  # noqa: E731
+    deadline = time.time() + 120
+    while " on http://" not in read(out) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    line = read(out)
+    if " on http://" not in line:
+        proc.kill()
+        proc.communicate(timeout=30)
+        pytest.fail(f"serve.py did not start: {line}{read(err)[-2000:]}")
+    return proc, line.split(" on ")[1].split()[0]  # "serving ... on http://127.0.0.1:PORT/v1 (...)"
+
+
+def peaked_tiny(seed=0):
+    """A tiny GPT with larger weights than GPT-2's init: peaked, varied logits, so greedy runs do not
+    collapse into one repeated token and a wrong adapter, scaling or mask shows up as other tokens."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig.from_name("tiny")).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.3)
+    return model

@@ -30,7 +30,7 @@ from minilora.safetensors import load_file, read_header, save_file
 from minilora.serving import Engine, Request, Sampling
 from minilora.tokenizer import get_tokenizer
 
-from scripts import ROOT, run_script_here
+from scripts import ROOT, peaked_tiny, run_script_here
 
 TOK = get_tokenizer("byte")
 BASE = "tiny-base"
@@ -38,13 +38,7 @@ BASE = "tiny-base"
 
 def tiny_base(seed=0):
     """A tiny GPT with peaked logits (larger weights than GPT-2's init), so greedy texts vary."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig.from_name("tiny")).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.3)
-    return model
+    return peaked_tiny(seed)
 
 
 def make_adapter(base, path, seed, r=4, **save):

@@ -17,9 +17,6 @@ import copy
 import json
 import os
 import struct
-import subprocess
-import sys
-import time
 import urllib.request
 
 import pytest
@@ -28,21 +25,14 @@ import torch
 from minilora import (GPT, GPTConfig, LoraConfig, LoRALinear, apply_lora, generate, get_tokenizer, load_adapter,
                       merge_and_unload, save_adapter, set_adapter)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from scripts import peaked_tiny, serve_process
 TOK = get_tokenizer("byte")
 BASE = "__base__"
 
 
 def peaked_base(seed=0):
-    """A tiny GPT with larger weights than GPT-2's init: peaked, varied logits, so greedy runs do not
-    collapse into one repeated token and a wrong adapter, scaling or mask shows up as other tokens."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig.from_name("tiny")).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.3)
-    return model
+    """A tiny GPT with peaked, varied logits (see scripts.peaked_tiny)."""
+    return peaked_tiny(seed)
 
 
 def strengthen(model, seed, a_std=None, b_std=0.5):
@@ -114,19 +104,7 @@ def test_mixed_adapter_batch_keeps_each_rows_adapter_after_rows_finish():
 
 def start_server(root, *args):
     """serve.py on 127.0.0.1, any free port, one thread -> (Popen, base URL .../v1)."""
-    out, err = root / "stdout", root / "stderr"  # files, not pipes: an undrained pipe could block the server
-    with open(out, "w") as fo, open(err, "w") as fe:
-        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--port", "0", "--threads", "1", *args],
-                                cwd=ROOT, stdout=fo, stderr=fe, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 120
-    while " on http://" not in out.read_text() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    line = out.read_text()
-    if " on http://" not in line:
-        proc.kill()
-        proc.communicate(timeout=30)
-        pytest.fail(f"serve.py did not start: {line}{err.read_text()[-2000:]}")
-    return proc, line.split(" on ")[1].split()[0]  # "serving ... on http://127.0.0.1:PORT/v1 (...)"
+    return serve_process(root, *args)
 
 
 def complete(url, **body):

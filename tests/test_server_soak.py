@@ -19,7 +19,6 @@ import random
 import re
 import shutil
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -31,6 +30,8 @@ import torch
 from minilora import GPT, GPTConfig
 from minilora.cli import parse_args
 from minilora import LoraConfig, apply_lora, save_adapter
+
+from scripts import serve_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -130,21 +131,10 @@ def server(tmp_path_factory):
     os.makedirs(allowed / "sneaky")  # a real directory inside whose weights are a symlink out
     (allowed / "sneaky" / "adapter_config.json").write_bytes((outside / "evil" / "adapter_config.json").read_bytes())
     os.symlink(outside / "evil" / "adapter_model.safetensors", allowed / "sneaky" / "adapter_model.safetensors")
-    out, err = root / "stdout", root / "stderr"  # files, not pipes: an undrained pipe would block the server
-    with open(out, "w") as fo, open(err, "w") as fe:
-        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--init_from", str(root / "base"),
-                                 "--served-model-name", "base", "--lora-modules", f"sql={root / 'sql'}", "--port", "0",
-                                 "--threads", "1", "--max-num-seqs", "8", "--enable-runtime-lora-updating",
-                                 "--allowed-lora-dir", str(allowed)],
-                                cwd=ROOT, stdout=fo, stderr=fe, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 120
-    while " on http://" not in out.read_text() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    line = out.read_text()
-    if " on http://" not in line:
-        proc.kill()
-        pytest.fail(f"serve.py did not start: {line}{err.read_text()[-2000:]}")
-    url = line.split(" on ")[1].split()[0]  # http://127.0.0.1:PORT/v1
+    proc, url = serve_process(root, "--init_from", str(root / "base"), "--served-model-name", "base",
+                              "--lora-modules", f"sql={root / 'sql'}", "--max-num-seqs", "8",
+                              "--enable-runtime-lora-updating", "--allowed-lora-dir", str(allowed))
+    err = root / "stderr"
     assert url.startswith("http://127.0.0.1:"), "the server must bind loopback by default"
     yield dict(port=int(url.split(":")[2].split("/")[0]), pid=proc.pid, root=root, allowed=allowed, outside=outside,
                stderr=err)
@@ -331,21 +321,12 @@ def lora_server(tmp_path_factory):
         strong_adapter(base, root / name, seed=100 + i)
     strong_adapter(base, allowed / "gone", seed=200)
     strong_adapter(base, allowed / "huge", seed=300, alpha=1e300)
-    out, err = root / "stdout", root / "stderr"
-    with open(out, "w") as fo, open(err, "w") as fe:
-        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--init_from", str(root / "base"),
-                                 "--served-model-name", "base", "--lora-modules", *[f"{n}={root / n}" for n in ADAPTERS],
-                                 "--port", "0", "--threads", "1", "--max-num-seqs", "8", "--max-loras", "2",
-                                 "--max-cpu-loras", "2", "--enable-runtime-lora-updating", "--allowed-lora-dir", str(allowed)],
-                                cwd=ROOT, stdout=fo, stderr=fe, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 120
-    while " on http://" not in out.read_text() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    line = out.read_text()
-    if " on http://" not in line:
-        proc.kill()
-        pytest.fail(f"serve.py did not start: {line}{err.read_text()[-2000:]}")
-    port = int(line.split(" on ")[1].split()[0].split(":")[2].split("/")[0])
+    proc, url = serve_process(root, "--init_from", str(root / "base"), "--served-model-name", "base",
+                              "--lora-modules", *[f"{n}={root / n}" for n in ADAPTERS], "--max-num-seqs", "8",
+                              "--max-loras", "2", "--max-cpu-loras", "2", "--enable-runtime-lora-updating",
+                              "--allowed-lora-dir", str(allowed))
+    err = root / "stderr"
+    port = int(url.split(":")[2].split("/")[0])
     yield dict(port=port, pid=proc.pid, allowed=allowed, stderr=err)
     proc.kill()
     proc.communicate(timeout=30)

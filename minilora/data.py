@@ -323,7 +323,11 @@ class _Fields:
             for name in self.template_fields:
                 if name not in record:
                     raise missing(name, "template")
-            prompt = self.template.format_map(record)
+            try:  # a format spec or index that does not fit this line's value ({q:>5} on an object, {q[0]} on "")
+                prompt = self.template.format_map(record)
+            except (TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
+                raise DataError(f"{path}:{lineno}: template {self.template!r} does not fit this line's values "
+                                f"({type(e).__name__}: {e}); fix the line or the template") from None
         else:
             prompt = get(self.prompt_field, "prompt_field")
         return prompt, get(self.completion_field, "completion_field")

@@ -200,7 +200,11 @@ def start_run(cfg):
     rt = setup_runtime(cfg)
     try:
         model, info = build_model(cfg, rt)
-        dataset = load_data(cfg, info.tokenizer, model.config.block_size, rt)
+        tokenizer = get_tokenizer(info.tokenizer)
+        if tokenizer.n_vocab > model.config.vocab_size:  # its ids would index past the embedding
+            raise MiniloraError(f"the model's tokenizer {info.tokenizer!r} has {tokenizer.n_vocab} ids but its config.json "
+                                f"says vocab_size {model.config.vocab_size}; fix config.json (or its minilora.tokenizer)")
+        dataset = load_data(cfg, tokenizer, model.config.block_size, rt)
         eval_fn = task_eval_fn(dataset, info.tokenizer, cfg.eval_examples, cfg.block_size or model.config.block_size)
     except BaseException:
         cleanup(rt, completed=False)

@@ -518,3 +518,20 @@ def test_misleading_errors_name_the_real_problem_and_the_flag(tmp_path, capsys):
     torch.save({}, pickled / "adapter_model.bin")
     with pytest.raises(MiniloraError, match="convert it to adapter_model.safetensors"):
         load_adapter(GPT(GPTConfig.from_name("tiny")), pickled)
+
+
+def test_template_that_does_not_fit_a_line_and_a_tokenizer_too_big_for_the_model_are_one_line(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"q": {"a": 1}, "completion": "x"}) for _ in range(4)) + "\n")
+    base = tmp_path / "base"
+    tiny_base().save_pretrained(base)
+    code, _, err = run_script_here(capsys, "train.py", "--init_from", str(base), "--data", str(data), "--template",
+                                   "Q {q:>5} ", "--out_dir", str(tmp_path / "o1"))
+    assert code == 2 and "d.jsonl:1" in err and "does not fit" in err and "Traceback" not in err
+    cfg = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**cfg, "minilora": {**cfg["minilora"], "tokenizer": "gpt2"}}))
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 200)
+    code, _, err = run_script_here(capsys, "train.py", "--init_from", str(base), "--lora_r", "0", "--data", str(text),
+                                   "--out_dir", str(tmp_path / "o2"))
+    assert code == 2 and "vocab_size" in err and "50257" in err and "Traceback" not in err

@@ -120,18 +120,14 @@ def load_model(arg, *, adapter=None, preset="tiny", seed=None, dropout=None, tra
     if adapter is not None:
         name = "default" if not hasattr(model, "peft_config") else "cli"
         load_adapter(model, adapter, adapter_name=name)
-        _warn_other_base(adapter, base)  # it fits this base's shapes; is it the base it was trained on?
+        _warn_other_base(adapter, model.peft_config[name].base_model_name_or_path, base)
         set_adapter(model, list(model.peft_config))  # a LoRA run dir's own adapter stays on beside --adapter
     return (model if trainable else model.eval()), base
 
 
-def _warn_other_base(adapter, base):
-    """An adapter trained on another base of the same shape loads fine and computes nonsense: say so."""
-    try:
-        with open(os.path.join(adapter, CONFIG_NAME), encoding="utf-8") as f:
-            recorded = json.load(f).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError, RecursionError):
-        return  # load_adapter reports an unreadable config
+def _warn_other_base(adapter, recorded, base):
+    """The adapter fits this base's shapes; one trained on another base of the same shape still
+    computes nonsense, so say when the base it records is not this one."""
     same = recorded == base or (isinstance(recorded, str) and os.path.isdir(recorded) and os.path.isdir(base)
                                 and os.path.realpath(recorded) == os.path.realpath(base))
     if isinstance(recorded, str) and recorded and not same:

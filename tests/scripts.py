@@ -1,5 +1,6 @@
 """Run a top-level script (generate.py, merge.py, ...) as a user would, or its main() in-process."""
 
+import copy
 import importlib.util
 import os
 import subprocess
@@ -9,7 +10,7 @@ import time
 import pytest
 import torch
 
-from minilora import GPT, GPTConfig
+from minilora import GPT, GPTConfig, LoraConfig, apply_lora, save_adapter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,3 +67,16 @@ def peaked_tiny(seed=0):
             if p.dim() > 1:
                 p.normal_(0.0, 0.3)
     return model
+
+
+def random_adapter(base, path, r, seed, targets=("q_proj", "v_proj", "fc_in"), lora_alpha=None):
+    """Save an adapter on a copy of `base` whose A and B are seeded N(0, 0.3^2) (strong enough to
+    change greedy text) to `path`; return that copy (base + adapter). lora_alpha defaults to 2r."""
+    m = apply_lora(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=lora_alpha or 2 * r, target_modules=list(targets)))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    save_adapter(m, path)
+    return m

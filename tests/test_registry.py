@@ -8,22 +8,16 @@ import pytest
 import torch
 
 from minilora import GPT, GPTConfig, MiniloraError
-from minilora import LoraConfig, apply_lora, merge_and_unload, save_adapter
+from minilora import merge_and_unload
 from minilora import adapter_rows
 from minilora.registry import AdapterRegistry, UnknownAdapter
+
+from scripts import random_adapter
 
 
 def make_adapter(base, path, r, seed, targets=("q_proj", "v_proj", "fc_in")):
     """Save a random (non-zero B) adapter for `base` to `path`; return the base + adapter model."""
-    m = copy.deepcopy(base)
-    apply_lora(m, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets)))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    save_adapter(m, path)
-    return m
+    return random_adapter(base, path, r, seed, targets)
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from minilora import GPT, GPTConfig
 from minilora.cli import parse_args
 from minilora import LoraConfig, apply_lora, save_adapter
 
-from scripts import serve_process
+from scripts import random_adapter, serve_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -293,13 +293,7 @@ LORA_BAD_ADMIN = [  # runtime (un)loading abused: each a 4xx
 
 def strong_adapter(base, path, seed, alpha=None):
     """A random adapter on q/v/fc_in with A and B ~ N(0, 0.3): strong enough to change greedy text."""
-    model = apply_lora(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "fc_in"]))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    save_adapter(model, path)
+    random_adapter(base, path, 4, seed)
     if alpha is not None:  # finite weights, but B * lora_alpha / r overflows float32
         config = json.loads((path / "adapter_config.json").read_text())
         (path / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": alpha}))

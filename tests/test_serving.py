@@ -15,25 +15,20 @@ import torch
 
 from minilora import GPT, GPTConfig, MiniloraError
 from minilora.generation import generate
-from minilora import LoraConfig, apply_lora, merge_and_unload, save_adapter
+from minilora import merge_and_unload
 from minilora.registry import AdapterRegistry
 from minilora.openai_server import App, Server
 from minilora.serving import Engine, Request, Sampling
 from minilora.tokenizer import get_tokenizer
 
+from scripts import random_adapter
+
 TOK = get_tokenizer("byte")
 
 
 def make_adapter(base, path, r, seed, targets=("q_proj", "v_proj", "fc_in")):
-    m = copy.deepcopy(base)
-    apply_lora(m, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets)))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    save_adapter(m, path)
-    return merge_and_unload(m).eval()
+    """Save a random (non-zero B) adapter for `base` to `path`; return base + adapter merged."""
+    return merge_and_unload(random_adapter(base, path, r, seed, targets)).eval()
 
 
 @pytest.fixture(scope="module")

@@ -1,28 +1,25 @@
-"""HF-format GPT-2 checkpoints with no Hugging Face library: load, save, download.
+"""HF-format checkpoints (GPT-2, OPT, Llama, Mistral, Qwen2) with no Hugging Face library: load, save, download.
 
     model = GPT.from_pretrained("gpt2")          # downloads once into ~/.cache/minilora/gpt2/
-    model = GPT.from_pretrained("path/to/dir")   # config.json + model.safetensors (or pytorch_model.bin)
-    model.save_pretrained("out/merged")          # the same layout, readable by any GPT-2 loader
+    model = GPT.from_pretrained("path/to/dir")   # config.json + model.safetensors (or shards, or pytorch_model.bin)
+    model.save_pretrained("out/merged")          # the same layout, readable by transformers' AutoModelForCausalLM
 
-This module turns files into (GPTConfig, state dict) and back (read_checkpoint, write_checkpoint);
-it never builds a model, so model.py can build on it.
+This module reads and writes the files (read_config, read_checkpoint, write_checkpoint, download);
+hf_layout.py says what each family calls its config fields and tensors. It never builds a model,
+so model.py can build on it.
 
-The directory layout is the one transformers' GPT2LMHeadModel reads and writes:
+A directory holds config.json (the family's own field names; minilora's extras, such as the
+tokenizer of a model trained here, under a "minilora" key), the weights, and, for models from the
+hub, tokenizer.json with tokenizer_config.json and generation_config.json (BOS/EOS ids).
 
-    config.json        GPT-2's field names (n_embd, n_layer, n_head, n_positions, vocab_size, ...);
-                       minilora's own fields (tokenizer, bias, dropout) under a "minilora" key
-    model.safetensors  transformer.wte.weight, transformer.h.N.attn.c_attn.weight, ...
-
-Two differences from our modules are undone on import and redone on export:
-- GPT-2's linears are Conv1D: weight stored (in, out) and applied as x @ W + b, the transpose of
-  nn.Linear's (out, in) weight.
-- GPT-2 fuses the attention input projection: c_attn.weight (C, 3C) = [q | k | v] along dim 1.
-  We keep separate q_proj/k_proj/v_proj so LoRA can target them by name.
+GPT-2 differs most from our modules: its linears are Conv1D (weight stored (in, out), applied as
+x @ W + b) and its attention input projection is fused, c_attn.weight (C, 3C) = [q | k | v]; both
+are undone on import and redone on export. The other families only rename (hf_layout.RENAMES).
 
 Downloads go to $MINILORA_CACHE (default ~/.cache/minilora)/<name>/ from $MINILORA_HUB_URL (default
 https://huggingface.co)/<name>/resolve/main/<file>, over plain urllib; a cached file is never re-fetched.
 
-bias=False models (a minilora option, not a GPT-2 one) are written without bias tensors and with
+bias=False GPT-2 models (a minilora option, not a GPT-2 one) are written without bias tensors and with
 "minilora": {"bias": false}; HF GPT-2 loaders cannot read those, they need bias=True.
 """
 
@@ -30,91 +27,32 @@ import http.client
 import json
 import os
 import re
+import shutil
 import sys
 import urllib.error
 import urllib.request
 
 import torch
 
-from minilora.config import GPTConfig
 from minilora.errors import MiniloraError
 from minilora.fileio import atomic_directory, atomic_open
+from minilora.hf_layout import config_from_hf, config_to_hf, gpt2_from_hf, gpt2_shapes, gpt2_to_hf, hf_name, our_name
 from minilora.safetensors import load_file, save_file
 from minilora.tokenizer import get_tokenizer
 
 HUB_URL = "https://huggingface.co"  # override with MINILORA_HUB_URL (a mirror, or a test server)
 CONFIG_FILE, SAFETENSORS_FILE, PYTORCH_FILE = "config.json", "model.safetensors", "pytorch_model.bin"
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
 _BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")  # causal-mask buffers older checkpoints carry
 _HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
-# Per-block tensors that map one to one: (GPT-2 name, our name, is a Conv1D that needs a transpose).
-_BLOCK_MAP = [("ln_1", "ln_1", False), ("attn.c_proj", "attn.out_proj", True), ("ln_2", "ln_2", False),
-              ("mlp.c_fc", "mlp.fc_in", True), ("mlp.c_proj", "mlp.fc_out", True)]
 
 # -----------------------------------------------------------------------------
-# config.json <-> GPTConfig
-
-_REQUIRED = object()
-
-
-def _field(d, key, types, where, default=_REQUIRED):
-    if key not in d:
-        if default is _REQUIRED:
-            raise MiniloraError(f"{where}: missing field {key!r}")
-        return default
-    value = d[key]
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):  # JSON true is no int
-        names = " or ".join(t.__name__ for t in types)
-        raise MiniloraError(f"{where}: field {key!r} must be {names}, got {value!r:.60}")
-    return value
-
-
-def config_to_hf(config):
-    """GPTConfig -> a config.json dict with GPT-2's field names, as transformers writes it."""
-    eot = get_tokenizer(config.tokenizer).eot_token
-    d = config.dropout
-    return {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
-        "vocab_size": config.vocab_size, "n_positions": config.block_size, "n_ctx": config.block_size,
-        "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None,
-        "layer_norm_epsilon": config.layer_norm_epsilon, "resid_pdrop": d, "embd_pdrop": d, "attn_pdrop": d,
-        "initializer_range": 0.02, "scale_attn_weights": True, "tie_word_embeddings": True,
-        "bos_token_id": eot, "eos_token_id": eot,
-        "minilora": {"tokenizer": config.tokenizer, "bias": config.bias, "dropout": d},
-    }
-
-
-def config_from_hf(d, where=CONFIG_FILE, dropout=None):
-    """A config.json dict -> GPTConfig; every missing or mistyped field is named in the error."""
-    if not isinstance(d, dict):
-        raise MiniloraError(f"{where}: must hold a JSON object, got {type(d).__name__}")
-    ints = {k: _field(d, k, (int,), where) for k in ("vocab_size", "n_embd", "n_layer", "n_head")}
-    block_size = _field(d, "n_positions", (int,), where, None)
-    if block_size is None:  # very old configs only have n_ctx
-        block_size = _field(d, "n_ctx", (int,), where)
-    eps = _field(d, "layer_norm_epsilon", (int, float), where, 1e-5)
-    # GPT-2 options this model does not implement: loading such a checkpoint would silently compute something else.
-    for key, allowed in (("model_type", ("gpt2",)), ("activation_function", ("gelu_new", "gelu_pytorch_tanh")),
-                         ("n_inner", (None, 4 * ints["n_embd"])), ("scale_attn_weights", (True,)),
-                         ("scale_attn_by_inverse_layer_idx", (False,)), ("tie_word_embeddings", (True,))):
-        if key in d and d[key] not in allowed:
-            raise MiniloraError(f"{where}: field {key!r} is {d[key]!r:.60}; minilora's GPT-2 supports only "
-                                f"{' or '.join(map(repr, allowed))}")
-    # Without our block this is a checkpoint from the GPT-2 family: GPT-2's tokenizer, with biases.
-    # Its *_pdrop fields are pretraining settings; like nanoGPT we fine-tune with dropout 0 unless asked.
-    ext = _field(d, "minilora", (dict,), where, {})
-    at = f"{where}: 'minilora'"
-    extra = dict(tokenizer=_field(ext, "tokenizer", (str,), at, "gpt2"), bias=_field(ext, "bias", (bool,), at, True),
-                 dropout=_field(ext, "dropout", (int, float), at, 0.0))
-    if dropout is not None:
-        extra["dropout"] = dropout
-    try:
-        get_tokenizer(extra["tokenizer"])  # an unknown name fails now, not at the first generate()
-        return GPTConfig(block_size=block_size, layer_norm_epsilon=float(eps), **ints, **extra)
-    except MiniloraError as e:
-        raise MiniloraError(f"{where}: {e}") from None
-
+# config.json
 
 def read_config(path, dropout=None):
+    """config.json at `path` -> GPTConfig. The model's tokenizer is the directory's tokenizer.json when
+    there is one, else the one config.json names, else GPT-2's for GPT-2 checkpoints."""
     try:
         with open(path, encoding="utf-8") as f:
             d = json.load(f)
@@ -122,35 +60,38 @@ def read_config(path, dropout=None):
         raise MiniloraError(f"{path} not found; an HF-format directory needs config.json") from None
     except (ValueError, RecursionError) as e:
         raise MiniloraError(f"{path} is not valid JSON ({e})") from None
-    return config_from_hf(d, path, dropout)
+    directory = os.path.abspath(os.path.dirname(path))
+    # Without a tokenizer.json a non-GPT-2 directory still loads (logits need no tokenizer); text fails then, by name.
+    default = "gpt2" if isinstance(d, dict) and d.get("model_type", "gpt2") == "gpt2" else directory
+    config = config_from_hf(d, path, dropout, tokenizer=default)
+    if os.path.isfile(os.path.join(directory, TOKENIZER_FILE)):
+        config.tokenizer = directory
+    elif not os.path.exists(config.tokenizer):
+        try:
+            get_tokenizer(config.tokenizer)  # an unknown name fails now, not at the first generate()
+        except MiniloraError as e:
+            raise MiniloraError(f"{path}: {e}") from None
+    return config
 
 # -----------------------------------------------------------------------------
-# tensor names and shapes
+# tensors: check every name and shape, then rename
 
-def hf_shapes(config):
-    """Every tensor an HF GPT-2 checkpoint of `config` holds (names without "transformer."), with shapes."""
-    C = config.n_embd
-
-    def params(name, weight_shape):
-        bias = {f"{name}.bias": (weight_shape[-1],)} if config.bias else {}
-        return {f"{name}.weight": weight_shape, **bias}
-
-    shapes = {"wte.weight": (config.vocab_size, C), "wpe.weight": (config.block_size, C)}
-    for i in range(config.n_layer):
-        h = f"h.{i}"
-        shapes |= params(f"{h}.ln_1", (C,)) | params(f"{h}.attn.c_attn", (C, 3 * C))  # Conv1D: (in, out)
-        shapes |= params(f"{h}.attn.c_proj", (C, C)) | params(f"{h}.ln_2", (C,))
-        shapes |= params(f"{h}.mlp.c_fc", (C, 4 * C)) | params(f"{h}.mlp.c_proj", (4 * C, C))
-    shapes |= params("ln_f", (C,))
-    return shapes
+def _problems(where, config, missing, unexpected, misshaped):
+    problems = [f"{kind} tensors: {', '.join(names[:20])}" + (f" (+{len(names) - 20} more)" if len(names) > 20 else "")
+                for kind, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if names]
+    if problems:
+        raise MiniloraError(f"{where} does not match its config.json ({config.model_type}, n_layer={config.n_layer}, "
+                            f"n_embd={config.n_embd}, vocab_size={config.vocab_size}, block_size={config.block_size}): "
+                            f"{'; '.join(problems)}")
 
 
-def _check(tensors, config, where):
+def _misshaped(key, t, shape):
+    return f"{key} {list(t.shape)} {str(t.dtype).removeprefix('torch.')} (expected {list(shape)} float)"
+
+
+def _check_gpt2(tensors, config, where):
     """File tensors -> {unprefixed name: tensor}, or one error naming every missing/unexpected/mis-shaped one."""
-    if config.n_layer > len(tensors):  # every block has tensors; a config.json saying 10**9 must not list them all
-        raise MiniloraError(f"{where} holds {len(tensors)} tensors, too few for its config's n_layer={config.n_layer}; "
-                            "config.json does not belong to these weights")
-    expected = hf_shapes(config)
+    expected = gpt2_shapes(config)
     prefix = "transformer." if any(k.startswith("transformer.") for k in tensors) else ""
     found, seen, unexpected, misshaped, head = {}, {}, [], [], None
     for key, t in tensors.items():
@@ -168,71 +109,41 @@ def _check(tensors, config, where):
             if tuple(t.shape) == expected[name] and t.is_floating_point():
                 found[name] = t
             else:
-                misshaped.append(f"{key} {list(t.shape)} {str(t.dtype).removeprefix('torch.')} "
-                                 f"(expected {list(expected[name])} float)")
-    missing = [prefix + name for name in expected if name not in seen]
-    problems = [f"{kind} tensors: {', '.join(names)}" for kind, names in
-                (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if names]
-    if problems:
-        raise MiniloraError(f"{where} does not match its config.json (n_layer={config.n_layer}, "
-                            f"n_embd={config.n_embd}, vocab_size={config.vocab_size}, block_size={config.block_size}, "
-                            f"bias={config.bias}): {'; '.join(problems)}")
+                misshaped.append(_misshaped(key, t, expected[name]))
+    _problems(where, config, [prefix + name for name in expected if name not in seen], unexpected, misshaped)
     if head is not None and not (head.shape == found["wte.weight"].shape and torch.equal(head, found["wte.weight"])):
         raise MiniloraError(f"{where}: lm_head.weight differs from wte.weight; minilora ties them "
                             "(GPT-2 does too), so an untied head cannot be loaded")
+    return gpt2_from_hf(found, config)
+
+
+def _check_family(tensors, config, expected, where):
+    """OPT / Llama-family file tensors -> our names; `expected` is a model's state dict (shapes only)."""
+    tied = config.tie_word_embeddings
+    want = {hf_name(config, k): (k, tuple(v.shape)) for k, v in expected.items() if not (tied and k == "lm_head.weight")}
+    found, seen, unexpected, misshaped, head = {}, {}, [], [], None
+    for key, t in tensors.items():
+        theirs = hf_name(config, our_name(config, key))  # facebook/opt-* files lack the "model." prefix
+        if theirs.endswith("rotary_emb.inv_freq"):
+            continue  # a buffer older Llama files carry; we compute the frequencies from rope_theta
+        if tied and theirs == "lm_head.weight":
+            head = t
+        elif theirs not in want:
+            unexpected.append(key)
+        elif theirs in seen:
+            unexpected.append(f"{key} (duplicate of {seen[theirs]})")
+        else:
+            seen[theirs] = key
+            ours, shape = want[theirs]
+            if tuple(t.shape) == shape and t.is_floating_point():
+                found[ours] = t
+            else:
+                misshaped.append(_misshaped(key, t, shape))
+    _problems(where, config, [name for name in want if name not in seen], unexpected, misshaped)
+    if head is not None and not torch.equal(head, found["transformer.wte.weight"]):
+        raise MiniloraError(f"{where}: lm_head.weight differs from the token embedding but config.json says "
+                            "tie_word_embeddings true; fix config.json")
     return found
-
-
-def _from_hf(t, config, dtype, device):
-    """Checked HF tensors -> our state dict (Conv1D weights transposed, c_attn split into q/k/v)."""
-    C = config.n_embd
-    sd = {}
-
-    def put(name, tensor):
-        sd[name] = tensor.to(device=device, dtype=dtype).contiguous()  # transposed views become dense copies
-
-    put("transformer.wte.weight", t["wte.weight"])
-    sd["lm_head.weight"] = sd["transformer.wte.weight"]  # tied: one tensor under both names
-    put("transformer.wpe.weight", t["wpe.weight"])
-    for i in range(config.n_layer):
-        h = f"h.{i}"
-        # Conv1D is (in, out) and computes x @ W; nn.Linear is (out, in): transpose, then the
-        # fused [q | k | v] output columns become three row blocks of C.
-        for proj, w in zip("qkv", t[f"{h}.attn.c_attn.weight"].t().split(C, dim=0)):  # 3 x (C, C)
-            put(f"transformer.{h}.attn.{proj}_proj.weight", w)
-        if config.bias:
-            for proj, b in zip("qkv", t[f"{h}.attn.c_attn.bias"].split(C)):  # 3 x (C,)
-                put(f"transformer.{h}.attn.{proj}_proj.bias", b)
-        for theirs, ours, conv1d in _BLOCK_MAP:
-            w = t[f"{h}.{theirs}.weight"]
-            put(f"transformer.{h}.{ours}.weight", w.t() if conv1d else w)
-            if config.bias:
-                put(f"transformer.{h}.{ours}.bias", t[f"{h}.{theirs}.bias"])
-    put("transformer.ln_f.weight", t["ln_f.weight"])
-    if config.bias:
-        put("transformer.ln_f.bias", t["ln_f.bias"])
-    return sd
-
-
-def _to_hf(sd, config):
-    """Our state dict -> HF GPT-2 tensors with the "transformer." prefix; no lm_head (tied to wte)."""
-    out = {name: sd[name] for name in ("transformer.wte.weight", "transformer.wpe.weight")}
-    for i in range(config.n_layer):
-        h = f"transformer.h.{i}"  # the block prefix is the same in both layouts
-        # Stack q, k, v as rows (3C, C), then transpose to Conv1D's (C, 3C) = [q | k | v] columns.
-        qkv = torch.cat([sd[f"{h}.attn.{p}_proj.weight"] for p in "qkv"], dim=0)  # (3C, C)
-        out[f"{h}.attn.c_attn.weight"] = qkv.t().contiguous()  # (C, 3C)
-        if config.bias:
-            out[f"{h}.attn.c_attn.bias"] = torch.cat([sd[f"{h}.attn.{p}_proj.bias"] for p in "qkv"])  # (3C,)
-        for theirs, ours, conv1d in _BLOCK_MAP:
-            w = sd[f"{h}.{ours}.weight"]
-            out[f"{h}.{theirs}.weight"] = w.t().contiguous() if conv1d else w
-            if config.bias:
-                out[f"{h}.{theirs}.bias"] = sd[f"{h}.{ours}.bias"]
-    out["transformer.ln_f.weight"] = sd["transformer.ln_f.weight"]
-    if config.bias:
-        out["transformer.ln_f.bias"] = sd["transformer.ln_f.bias"]
-    return out
 
 # -----------------------------------------------------------------------------
 # load / save
@@ -263,59 +174,61 @@ def _as_dtype(dtype):
     return dtype
 
 
-def read_checkpoint(name_or_dir, dtype=None, device=None, dropout=None):
-    """An HF-format GPT-2 directory, or a hub name downloaded once -> (GPTConfig, our state dict).
+def read_checkpoint(path, config, expected, dtype=None, device=None):
+    """The weights of HF-format directory `path` (config from read_config) -> our state dict.
 
-    dtype defaults to float32 whatever the file stores (as transformers does); device to "cpu";
-    dropout to the checkpoint's minilora setting, 0.0 for plain GPT-2 checkpoints. GPT.from_pretrained
-    builds the model from these.
+    `expected` is the state dict of a model built from `config` (on the meta device: shapes only);
+    every tensor is checked against it by name and shape before anything is used. dtype defaults to
+    float32 whatever the file stores (bf16 checkpoints stay bf16 when asked for, e.g. dtype="bfloat16");
+    device to "cpu". GPT.from_pretrained builds the model from these.
     """
-    path = resolve(name_or_dir)
-    config = read_config(os.path.join(path, CONFIG_FILE), dropout)
     tensors, where = _read_weights(path)
-    return config, _from_hf(_check(tensors, config, where), config, _as_dtype(dtype or torch.float32), device or "cpu")
+    sd = _check_gpt2(tensors, config, where) if config.family == "gpt2" else _check_family(tensors, config, expected, where)
+    dtype, device = _as_dtype(dtype or torch.float32), device or "cpu"
+    sd = {name: t.to(device=device, dtype=dtype).contiguous() for name, t in sd.items()}  # transposed views become dense
+    if config.tie_word_embeddings:
+        sd["lm_head.weight"] = sd["transformer.wte.weight"]  # tied: one tensor under both names
+    return sd
 
 
 def write_checkpoint(config, state_dict, save_dir):
-    """Write config.json + model.safetensors in the HF GPT-2 layout, replacing save_dir in one rename.
+    """Write config.json + model.safetensors in the family's HF layout, replacing save_dir in one rename.
 
-    state_dict is a plain GPT's (GPT.save_pretrained checks that); lm_head is tied to wte and not written.
+    state_dict is a plain model's (GPT.save_pretrained checks that); a tied lm_head is not written.
+    Tokenizer files in the model's tokenizer directory are copied along, so the directory stands alone.
     """
     sd = state_dict
-    expected = {"transformer." + k for k in _ours(config)}
-    if set(sd) != expected | {"lm_head.weight"}:
-        raise MiniloraError(f"model is not a plain GPT: unexpected {sorted(set(sd) - expected - {'lm_head.weight'})[:5]}, "
-                            f"missing {sorted(expected - set(sd))[:5]}; merge or remove extra modules first")
     if any(t.is_meta for t in sd.values()):
         raise MiniloraError("model has parameters on the meta device (no data); load real weights first")
-    if not torch.equal(sd["lm_head.weight"], sd["transformer.wte.weight"]):
+    if config.tie_word_embeddings and not torch.equal(sd["lm_head.weight"], sd["transformer.wte.weight"]):
         raise MiniloraError("lm_head.weight is no longer tied to transformer.wte.weight; "
-                            "GPT-2 files hold one shared matrix")
+                            "the checkpoint holds one shared matrix")
     save_dir = os.fspath(save_dir)
     if os.path.exists(save_dir) and not os.path.isdir(save_dir):
         raise MiniloraError(f"{save_dir} is a file; save_pretrained writes a directory")
+    tokenizer_files = [os.path.join(config.tokenizer, f) for f in TOKENIZER_FILES
+                       if os.path.isdir(config.tokenizer) and os.path.isfile(os.path.join(config.tokenizer, f))]
     if os.path.isdir(save_dir):  # the directory is replaced whole: never delete files we did not write
-        foreign = sorted(set(os.listdir(save_dir)) - {CONFIG_FILE, SAFETENSORS_FILE, PYTORCH_FILE})
+        foreign = sorted(set(os.listdir(save_dir)) - {CONFIG_FILE, SAFETENSORS_FILE, PYTORCH_FILE, *TOKENIZER_FILES})
         if foreign:
             raise MiniloraError(f"{save_dir} holds files save_pretrained did not write ({', '.join(foreign[:5])}); "
                                 "it replaces the whole directory, so pass an empty or new one")
-    hf_config = config_to_hf(config)
+    if config.family == "gpt2":
+        hf_config, tensors = config_to_hf(config, get_tokenizer(config.tokenizer).eot_token), gpt2_to_hf(sd, config)
+    else:
+        hf_config = config_to_hf(config)
+        tensors = {hf_name(config, k): t for k, t in sd.items()
+                   if not (config.tie_word_embeddings and k == "lm_head.weight")}
+        if tokenizer_files:  # the copied files travel with it: the next load finds them in the directory
+            hf_config["minilora"]["tokenizer"] = None
     hf_config["torch_dtype"] = str(sd["lm_head.weight"].dtype).removeprefix("torch.")
     with atomic_directory(save_dir) as tmp:
         with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump(hf_config, f, indent=2)
             f.write("\n")
-        save_file(_to_hf(sd, config), os.path.join(tmp, SAFETENSORS_FILE), metadata={"format": "pt"})
-
-
-def _ours(config):
-    """Our parameter names under transformer. for `config` (what _from_hf produces, lm_head aside)."""
-    names = ["wte.weight", "wpe.weight", "ln_f.weight"] + (["ln_f.bias"] if config.bias else [])
-    kinds = ["ln_1", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "ln_2", "mlp.fc_in", "mlp.fc_out"]
-    for i in range(config.n_layer):
-        for k in kinds:
-            names += [f"h.{i}.{k}.weight"] + ([f"h.{i}.{k}.bias"] if config.bias else [])
-    return names
+        save_file(tensors, os.path.join(tmp, SAFETENSORS_FILE), metadata={"format": "pt"})
+        for src in tokenizer_files:
+            shutil.copyfile(src, os.path.join(tmp, os.path.basename(src)))
 
 # -----------------------------------------------------------------------------
 # download

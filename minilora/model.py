@@ -1,10 +1,15 @@
-"""The GPT-2 architecture in one file, with a preallocated KV cache.
+"""One compact decoder in one file (GPT-2, OPT, Llama/Mistral/Qwen2), with a preallocated KV cache.
 
-Attention has separate q_proj/k_proj/v_proj/out_proj linears (GPT-2's fused c_attn is split on
-import, see hub.py) so that LoRA targets read exactly as in PEFT tutorials.
+The families differ by options read from GPTConfig (see config.py), never by subclasses: the norm
+(LayerNorm or RMSNorm, before or after each residual add), the positions (learned or rotary), the
+MLP (GELU, ReLU or SwiGLU) and the number of key/value heads. Modules carry the names each family's
+PEFT configs use: q_proj/k_proj/v_proj everywhere, out_proj (GPT-2, OPT) or o_proj (Llama), and
+fc_in/fc_out (GPT-2), fc1/fc2 (OPT) or gate_proj/up_proj/down_proj (Llama). GPT-2's fused c_attn is
+split on import (hub.py) so that LoRA targets read exactly as in PEFT tutorials.
 """
 
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -12,7 +17,7 @@ import torch.nn.functional as F
 
 from minilora.config import GPTConfig
 from minilora.errors import MiniloraError
-from minilora.hub import read_checkpoint, write_checkpoint
+from minilora.hub import CONFIG_FILE, read_checkpoint, read_config, resolve, write_checkpoint
 from minilora.ops import Linear, LinearCrossEntropy
 
 
@@ -64,82 +69,170 @@ class KVCache(nn.Module):
         self.v[:n, :, :length] = self.v[keep, :, :length]
 
 
+def position_offset(config):
+    """OPT's learned position table keeps two unused rows in front (a fairseq heritage): position p is row p + 2."""
+    return 2 if config.family == "opt" else 0
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight (Zhang & Sennrich 2019), the Llama family's norm: no mean, no bias.
+
+    Computed in fp32 and cast back, as the reference implementation does, so bf16 runs match it.
+    """
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def norm(config, dim=None):
+    dim = dim or config.n_embd
+    if config.family == "llama":
+        return RMSNorm(dim, config.layer_norm_epsilon)
+    return nn.LayerNorm(dim, eps=config.layer_norm_epsilon, bias=config.bias)
+
+
+def rope_frequencies(config, device=None):
+    """Rotary inverse frequencies theta^(-2i/d), i < d/2 (Su et al. 2021), with Llama 3.x's scaling."""
+    d = config.head_size
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)  # (d/2,)
+    s = config.rope_scaling
+    if s is None or s.get("rope_type", s.get("type")) == "default":
+        return inv_freq
+    # Llama 3.x: wavelengths longer than the original context are stretched by `factor`, short ones are
+    # kept, and the band between blends the two, so long contexts reuse what short ones learned.
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((old_len / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])).clamp(0, 1)
+    return (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
+
+
+def rotate(x, cos, sin):
+    """Rotate pairs (x_i, x_{i+d/2}) by each position's angles: the half-split layout HF checkpoints use."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        C = config.n_embd
-        self.n_head = config.n_head
+        C, hs = config.n_embd, config.head_size
+        self.n_head, self.n_kv_head, self.head_size = config.n_head, config.kv_heads, hs
         self.dropout = config.dropout
-        self.q_proj = Linear(C, C, bias=config.bias)
-        self.k_proj = Linear(C, C, bias=config.bias)
-        self.v_proj = Linear(C, C, bias=config.bias)
-        self.out_proj = Linear(C, C, bias=config.bias)
+        self.family = config.family
+        qkv_bias = config.bias or config.qkv_bias
+        self.q_proj = Linear(C, self.n_head * hs, bias=qkv_bias)
+        self.k_proj = Linear(C, self.n_kv_head * hs, bias=qkv_bias)  # grouped-query: fewer key/value heads
+        self.v_proj = Linear(C, self.n_kv_head * hs, bias=qkv_bias)
+        # The output projection has each family's own name, so PEFT target lists read as written.
+        if self.family == "llama":
+            self.o_proj = Linear(self.n_head * hs, C, bias=False)
+        else:
+            self.out_proj = Linear(C, C, bias=config.bias)
         self.kv_cache = None  # a KVCache while generating, see GPT.setup_kv_cache
 
-    def forward(self, x, attn_mask=None, cache_pos=None, cache_rows=None):
+    def forward(self, x, attn_mask=None, cache_pos=None, cache_rows=None, rope=None):
         B, T, C = x.shape
-        hs = C // self.n_head
-        q = self.q_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = self.v_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        hs, nh, nkv = self.head_size, self.n_head, self.n_kv_head
+        q = self.q_proj(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if rope is not None:
+            cos, sin = (t.to(q.dtype) for t in rope)  # (B or 1, 1, T, hs)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)  # keys are cached rotated: positions never change
         if cache_pos is not None:
-            k, v = self.kv_cache.update(cache_pos, k, v, cache_rows)  # (B, nh, S, hs)
+            k, v = self.kv_cache.update(cache_pos, k, v, cache_rows)  # (B, nkv, S, hs)
             k, v = k.to(q.dtype), v.to(q.dtype)
         dropout_p = self.dropout if self.training else 0.0
+        gqa = nkv != nh  # each key/value head serves nh // nkv consecutive query heads
         if attn_mask is None:
             # Without a cache, or with one token per row and no padding, plain causal attention is right.
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.out_proj(y)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, enable_gqa=gqa)
+        y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # (B, T, nh * hs)
+        return self.o_proj(y) if self.family == "llama" else self.out_proj(y)
 
 
 class MLP(nn.Module):
+    """GPT-2: fc_out(gelu(fc_in x)); OPT: fc2(relu(fc1 x)); Llama family (SwiGLU): down(silu(gate x) * up x)."""
+
     def __init__(self, config):
         super().__init__()
-        self.fc_in = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
-        self.fc_out = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        C, H, bias = config.n_embd, config.mlp_width, config.bias
+        self.family = config.family
+        if self.family == "llama":
+            self.gate_proj = Linear(C, H, bias=False)
+            self.up_proj = Linear(C, H, bias=False)
+            self.down_proj = Linear(H, C, bias=False)
+        elif self.family == "opt":
+            self.fc1 = Linear(C, H, bias=bias)
+            self.fc2 = Linear(H, C, bias=bias)
+        else:
+            self.fc_in = Linear(C, H, bias=bias)
+            self.fc_out = Linear(H, C, bias=bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.fc_out(self.gelu(self.fc_in(x))))
+        if self.family == "llama":
+            x = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # Shazeer 2020
+        elif self.family == "opt":
+            x = self.fc2(F.relu(self.fc1(x)))
+        else:
+            x = self.fc_out(F.gelu(self.fc_in(x), approximate="tanh"))  # GPT-2's "gelu_new"
+        return self.dropout(x)
 
 
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.pre_norm = config.pre_norm
+        self.ln_1 = norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.ln_2 = norm(config)
         self.mlp = MLP(config)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, attn_mask=None, cache_pos=None, cache_rows=None):
-        x = x + self.resid_dropout(self.attn(self.ln_1(x), attn_mask, cache_pos, cache_rows))
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x, attn_mask=None, cache_pos=None, cache_rows=None, rope=None):
+        if self.pre_norm:
+            x = x + self.resid_dropout(self.attn(self.ln_1(x), attn_mask, cache_pos, cache_rows, rope))
+            return x + self.mlp(self.ln_2(x))
+        # post-LN (opt-350m, as the original Transformer): normalise after each residual add
+        x = self.ln_1(x + self.resid_dropout(self.attn(x, attn_mask, cache_pos, cache_rows, rope)))
+        return self.ln_2(x + self.mlp(x))
 
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
-        ))
-        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # tied, as in GPT-2: counted once
+        E = config.embed_dim
+        parts = dict(wte=nn.Embedding(config.vocab_size, E))
+        if config.family != "llama":  # learned positions (OPT's table has 2 extra rows)
+            parts["wpe"] = nn.Embedding(config.block_size + position_offset(config), config.n_embd)
+        if E != config.n_embd:  # OPT-350m: 512-wide embeddings around 1024-wide blocks
+            parts["project_in"] = Linear(E, config.n_embd, bias=False)
+            parts["project_out"] = Linear(config.n_embd, E, bias=False)
+        parts["drop"] = nn.Dropout(config.dropout)
+        parts["h"] = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        # Post-LN OPT ends on its last block's norm: there is no final one.
+        parts["ln_f"] = norm(config) if config.pre_norm else nn.Identity()
+        self.transformer = nn.ModuleDict(parts)
+        self.lm_head = Linear(E, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight  # tied, as in GPT-2: counted once
         if self.lm_head.weight.is_meta:
             return  # shapes only (parameter arithmetic, or load_state_dict(assign=True) next)
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer): two per block add to the stream.
         for name, p in self.named_parameters():
-            if name.endswith(("out_proj.weight", "fc_out.weight")):
+            if name.endswith(("out_proj.weight", "o_proj.weight", "fc_out.weight", "fc2.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
@@ -179,7 +272,7 @@ class GPT(nn.Module):
         return self.lm_head(x), None
 
     def _hidden(self, idx, pos=None, attn_mask=None, cache_pos=None, cache_rows=None):
-        """The final hidden states (B, T, C), after ln_f."""
+        """The final hidden states (B, T, E), after ln_f (and OPT's project_out), ready for lm_head."""
         B, T = idx.shape
         if pos is None:
             start = 0 if cache_pos is None else torch.as_tensor(cache_pos, device=idx.device).view(-1, 1)
@@ -193,10 +286,22 @@ class GPT(nn.Module):
                 raise MiniloraError("cache_pos given but no KV cache is set up; call model.setup_kv_cache(...) first")
             if attn_mask is None and not (isinstance(cache_pos, int) and cache_rows is None and (cache_pos == 0 or T == 1)):
                 raise MiniloraError("attn_mask is required for chunked or per-row KV-cache writes")
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x, attn_mask, cache_pos, cache_rows)
-        return self.transformer.ln_f(x)
+        tr = self.transformer
+        x = tr.wte(idx)  # (B, T, E)
+        if "project_in" in tr:
+            x = tr.project_in(x)  # (B, T, C)
+        rope = None
+        if "wpe" in tr:
+            x = x + tr.wpe(pos + position_offset(self.config))
+        else:
+            angles = pos[..., None].float() * rope_frequencies(self.config, idx.device)  # (B or 1, T, hs/2)
+            angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B or 1, 1, T, hs): both halves of each pair
+            rope = angles.cos(), angles.sin()
+        x = tr.drop(x)
+        for block in tr.h:
+            x = block(x, attn_mask, cache_pos, cache_rows, rope)
+        x = tr.ln_f(x)
+        return tr.project_out(x) if "project_out" in tr else x  # (B, T, E)
 
     # ---- KV cache: created and released only here ---------------------------------------------
 
@@ -222,9 +327,9 @@ class GPT(nn.Module):
                 f"KV cache of {max_len} tokens exceeds the model's context (block_size={self.config.block_size})")
         ref = self.lm_head.weight
         dtype = dtype or (ref.dtype if ref.is_floating_point() else torch.float32)
-        hs = self.config.n_embd // self.config.n_head
+        c = self.config  # only the key/value heads are stored: GQA's memory saving
         for block in self.transformer.h:
-            block.attn.kv_cache = KVCache(batch_size, self.config.n_head, max_len, hs, dtype, device or ref.device, kind)
+            block.attn.kv_cache = KVCache(batch_size, c.kv_heads, max_len, c.head_size, dtype, device or ref.device, kind)
 
     def keep_kv_rows(self, keep, length):
         """The batch shrank to rows `keep` ((n,) tensor): move their cache rows to the front, once."""
@@ -239,19 +344,27 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_dir, *, dtype=None, device=None, dropout=None):
-        """An HF-format GPT-2 directory, or a hub name downloaded once, as a GPT in eval mode."""
-        config, state_dict = read_checkpoint(name_or_dir, dtype=dtype, device=device, dropout=dropout)
+        """An HF-format directory (GPT-2, OPT, Llama, Mistral, Qwen2), or a hub name downloaded once, in eval mode."""
+        path = resolve(name_or_dir)
+        config = read_config(os.path.join(path, CONFIG_FILE), dropout)
         with torch.device("meta"):  # shapes only: no time spent on a random init we would overwrite
             model = cls(config)
+        state_dict = read_checkpoint(path, config, model.state_dict(), dtype=dtype, device=device)
         model.load_state_dict(state_dict, strict=True, assign=True)
-        # assign=True gives each module its own new Parameter, so wte and lm_head are two again: re-tie.
-        model.transformer.wte.weight = model.lm_head.weight
+        if config.tie_word_embeddings:  # assign=True gave wte and lm_head a Parameter each: re-tie
+            model.transformer.wte.weight = model.lm_head.weight
         return model.eval()
 
     def save_pretrained(self, save_dir):
-        """Write config.json + model.safetensors in the HF GPT-2 layout, replacing save_dir in one rename."""
+        """Write config.json + model.safetensors in the family's HF layout, replacing save_dir in one rename."""
         lora = next((name for name, m in self.named_modules() if hasattr(m, "base_layer")), None)
         if lora is not None:
             raise MiniloraError(f"model still has LoRA layers ({lora}); call merge_and_unload(model) "
                                 "first, or save the adapter alone with save_adapter")
+        with torch.device("meta"):
+            plain = set(type(self)(self.config).state_dict())
+        extra, missing = sorted(set(self.state_dict()) - plain), sorted(plain - set(self.state_dict()))
+        if extra or missing:
+            raise MiniloraError(f"model is not a plain GPT: unexpected {extra[:5]}, missing {missing[:5]}; "
+                                "merge or remove extra modules first")
         write_checkpoint(self.config, self.state_dict(), save_dir)

@@ -211,7 +211,7 @@ def test_wrong_config_and_untied_head_are_refused(tmp_path):
     (hf_config(n_layer="2"), "field 'n_layer' must be int"),
     (hf_config(vocab_size=True), "field 'vocab_size' must be int"),
     (hf_config(activation_function="relu"), "field 'activation_function' is 'relu'"),
-    (hf_config(model_type="llama"), "field 'model_type'"),
+    (hf_config(model_type="bert"), "model_type 'bert' is not supported"),
     (hf_config(n_embd=9), "n_embd .9. must be divisible by n_head"),
     (hf_config(minilora={"tokenizer": "klingon"}), "unknown tokenizer 'klingon'"),
     (hf_config(minilora={"bias": "yes"}), "'minilora'.*field 'bias' must be bool"),

@@ -21,6 +21,8 @@ Two differences from our modules are undone on import and redone on export:
 
 Downloads go to $MINILORA_CACHE (default ~/.cache/minilora)/<name>/ from $MINILORA_HUB_URL (default
 https://huggingface.co)/<name>/resolve/main/<file>, over plain urllib; a cached file is never re-fetched.
+Big models come sharded (model.safetensors.index.json + model-0000i-of-0000n.safetensors): the index
+is fetched when the hub has no model.safetensors, then every shard it names.
 
 bias=False models (a minilora option, not a GPT-2 one) are written without bias tensors and with
 "minilora": {"bias": false}; HF GPT-2 loaders cannot read those, they need bias=True.
@@ -39,7 +41,7 @@ import torch
 from minilora.config import GPTConfig
 from minilora.errors import MiniloraError
 from minilora.fileio import atomic_directory, atomic_open
-from minilora.safetensors import load_file, save_file
+from minilora.safetensors import load_file, load_sharded, read_index, save_file
 from minilora.tokenizer import get_tokenizer
 
 HUB_URL = "https://huggingface.co"  # override with MINILORA_HUB_URL (a mirror, or a test server)
@@ -238,12 +240,16 @@ def _to_hf(sd, config):
 # load / save
 
 def _read_weights(path):
-    st, pt = os.path.join(path, SAFETENSORS_FILE), os.path.join(path, PYTORCH_FILE)
+    st, index, pt = (os.path.join(path, f) for f in (SAFETENSORS_FILE, INDEX_FILE, PYTORCH_FILE))
     if os.path.isfile(st):
         return load_file(st), st  # zero-copy views of a memory map; only transposed tensors get copied
+    if os.path.isfile(index):
+        return load_sharded(index), index  # the same views, one map per shard, checked against the index
     if not os.path.isfile(pt):
-        raise MiniloraError(f"{path} has no {SAFETENSORS_FILE} or {PYTORCH_FILE} "
-                            "(sharded checkpoints are not supported)")
+        sharded_bin = os.path.isfile(os.path.join(path, PYTORCH_FILE + ".index.json"))
+        hint = ("; sharded pytorch_model.bin checkpoints are not supported, convert them to safetensors"
+                if sharded_bin else "")
+        raise MiniloraError(f"{path} has no {SAFETENSORS_FILE}, {INDEX_FILE} or {PYTORCH_FILE}{hint}")
     try:  # weights_only: a pickle from the internet may hold tensors, never code
         tensors = torch.load(pt, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
@@ -320,6 +326,10 @@ def _ours(config):
 # -----------------------------------------------------------------------------
 # download
 
+INDEX_FILE = SAFETENSORS_FILE + ".index.json"  # a sharded checkpoint's index, beside its shards
+OPTIONAL_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json")  # fetched when the hub has them
+
+
 def resolve(name_or_dir):
     """A local directory as is; a hub name ("gpt2", "org/name") -> its cache directory, downloading if needed."""
     p = os.fspath(name_or_dir)
@@ -338,28 +348,58 @@ def cache_dir(name):
 
 
 def download(name):
-    """Fetch config.json and model.safetensors of hub model `name` into the cache; files already there are reused."""
+    """Fetch hub model `name` into the cache: config.json, the tokenizer files the hub has, then the weights
+    (model.safetensors, or model.safetensors.index.json and every shard it names); cached files are reused."""
     base = (os.environ.get("MINILORA_HUB_URL") or HUB_URL).rstrip("/")
     if not base.startswith(("http://", "https://")):
         raise MiniloraError(f"MINILORA_HUB_URL must start with http:// or https://, got {base!r}")
     path = cache_dir(name)
-    for file in (CONFIG_FILE, SAFETENSORS_FILE):
+
+    def get(file):
+        """True once `file` is in the cache; False when the hub has no such file (404)."""
         dest = os.path.join(path, file)
-        if not os.path.exists(dest):  # only complete files are ever renamed into the cache
-            _fetch(f"{base}/{name}/resolve/main/{file}", dest, name)
-        if file == CONFIG_FILE:
-            read_config(dest)  # a config we cannot load fails before gigabytes of weights download
+        # Only complete files are ever renamed into the cache, so one that exists is whole.
+        return os.path.exists(dest) or _fetch(f"{base}/{name}/resolve/main/{file}", dest)
+
+    if not get(CONFIG_FILE):
+        raise MiniloraError(f"no such model on the hub: {name} ({base}/{name}/resolve/main/{CONFIG_FILE} "
+                            "returned 404), and no local directory of that name")
+    dest = os.path.join(path, CONFIG_FILE)
+    read_config(dest)  # a config we cannot load fails before gigabytes of weights download
+    if _weights_cached(path):
+        return path  # the small files below were tried before the weights: nothing left to ask the hub
+    for file in OPTIONAL_FILES:
+        get(file)  # many models lack some of these; a 404 is no error
+    index = os.path.join(path, INDEX_FILE)
+    if not os.path.exists(index) and get(SAFETENSORS_FILE):
+        return path
+    if not get(INDEX_FILE):
+        raise MiniloraError(f"hub model {name} has neither {SAFETENSORS_FILE} nor {INDEX_FILE} (404 for both); "
+                            "minilora downloads safetensors weights only: fetch the files yourself and pass the directory")
+    for shard in sorted(set(read_index(index)[0].values())):  # read_index admits plain file names only
+        if not get(shard):
+            raise MiniloraError(f"hub model {name}: {INDEX_FILE} names {shard}, but "
+                                f"{base}/{name}/resolve/main/{shard} returned 404")
     return path
 
 
-def _fetch(url, dest, name):
+def _weights_cached(path):
+    """Whether the cache already holds complete weights: model.safetensors, or the index and all its shards."""
+    if os.path.isfile(os.path.join(path, SAFETENSORS_FILE)):
+        return True
+    index = os.path.join(path, INDEX_FILE)
+    return os.path.isfile(index) and all(os.path.isfile(os.path.join(path, shard))
+                                         for shard in set(read_index(index)[0].values()))
+
+
+def _fetch(url, dest):
+    """Download `url` to `dest` atomically; False (and nothing written) when the hub answers 404."""
     request = urllib.request.Request(url, headers={"User-Agent": "minilora"})
     try:
         response = urllib.request.urlopen(request, timeout=60)  # follows the hub's redirects to its CDN
     except urllib.error.HTTPError as e:
         if e.code == 404:
-            raise MiniloraError(f"no such model on the hub: {name} ({url} returned 404), "
-                                "and no local directory of that name") from None
+            return False  # the caller knows whether this file is required and what its absence means
         hint = "; the model may be gated or private: download it yourself and pass the directory" \
             if e.code in (401, 403) else ""
         raise MiniloraError(f"{url} returned HTTP {e.code} {e.reason}{hint}") from None
@@ -380,6 +420,7 @@ def _fetch(url, dest, name):
             _progress(os.path.basename(dest), done, total, end=True)
         if total is not None and done != total:  # urllib returns a short body silently when a connection drops
             raise MiniloraError(f"download of {url} was cut short ({done} of {total} bytes); run again to retry")
+    return True
 
 
 def _progress(file, done, total, end=False):

@@ -19,7 +19,7 @@ import torch
 
 from minilora.cli import DTYPE_CHOICES, dtype_name, main_guard, opt, parse_args, parse_dtype
 from minilora.errors import MiniloraError
-from minilora.hub import CONFIG_FILE, PYTORCH_FILE, SAFETENSORS_FILE
+from minilora.hub import foreign_files
 from minilora.loading import adapter_base, load_model
 from minilora.lora import lora_layers, merge_and_unload
 # Allowed max |Δlogit| / max |logit|. fp32 only sees the merge's rounding (~1e-7 per weight); bf16/fp16
@@ -60,7 +60,7 @@ def check_out(out, force, inputs=()):
     if not os.path.isdir(out):
         raise MiniloraError(f"{out} is a file, not a model directory; remove it or choose another --out")
     # save_pretrained swaps the whole directory, so --force may only replace a directory of its own files
-    foreign = sorted(set(os.listdir(out)) - {CONFIG_FILE, SAFETENSORS_FILE, PYTORCH_FILE})
+    foreign = foreign_files(out)
     if foreign:
         raise MiniloraError(f"--force would delete {out}/{foreign[0]} (and {len(foreign) - 1} more), which is "
                             "not part of a saved model; choose another --out")

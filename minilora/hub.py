@@ -18,6 +18,8 @@ are undone on import and redone on export. The other families only rename (hf_la
 
 Downloads go to $MINILORA_CACHE (default ~/.cache/minilora)/<name>/ from $MINILORA_HUB_URL (default
 https://huggingface.co)/<name>/resolve/main/<file>, over plain urllib; a cached file is never re-fetched.
+Big models come sharded (model.safetensors.index.json + model-0000i-of-0000n.safetensors): the index
+is fetched when the hub has no model.safetensors, then every shard it names.
 
 bias=False GPT-2 models (a minilora option, not a GPT-2 one) are written without bias tensors and with
 "minilora": {"bias": false}; HF GPT-2 loaders cannot read those, they need bias=True.
@@ -37,12 +39,15 @@ import torch
 from minilora.errors import MiniloraError
 from minilora.fileio import atomic_directory, atomic_open
 from minilora.hf_layout import config_from_hf, config_to_hf, gpt2_from_hf, gpt2_shapes, gpt2_to_hf, hf_name, our_name
-from minilora.safetensors import load_file, save_file
+from minilora.safetensors import load_file, load_sharded, parse_size, read_index, save_sharded
 from minilora.tokenizer import get_tokenizer
 
 HUB_URL = "https://huggingface.co"  # override with MINILORA_HUB_URL (a mirror, or a test server)
 CONFIG_FILE, SAFETENSORS_FILE, PYTORCH_FILE = "config.json", "model.safetensors", "pytorch_model.bin"
+INDEX_FILE = SAFETENSORS_FILE + ".index.json"  # a sharded checkpoint's index, beside its shards
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 TOKENIZER_FILE = "tokenizer.json"
+# The tokenizer and generation settings travel with the weights (fetched when the hub has them).
 TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
 _BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")  # causal-mask buffers older checkpoints carry
 _HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
@@ -149,12 +154,16 @@ def _check_family(tensors, config, expected, where):
 # load / save
 
 def _read_weights(path):
-    st, pt = os.path.join(path, SAFETENSORS_FILE), os.path.join(path, PYTORCH_FILE)
+    st, index, pt = (os.path.join(path, f) for f in (SAFETENSORS_FILE, INDEX_FILE, PYTORCH_FILE))
     if os.path.isfile(st):
         return load_file(st), st  # zero-copy views of a memory map; only transposed tensors get copied
+    if os.path.isfile(index):
+        return load_sharded(index), index  # the same views, one map per shard, checked against the index
     if not os.path.isfile(pt):
-        raise MiniloraError(f"{path} has no {SAFETENSORS_FILE} or {PYTORCH_FILE} "
-                            "(sharded checkpoints are not supported)")
+        sharded_bin = os.path.isfile(os.path.join(path, PYTORCH_FILE + ".index.json"))
+        hint = ("; sharded pytorch_model.bin checkpoints are not supported, convert them to safetensors"
+                if sharded_bin else "")
+        raise MiniloraError(f"{path} has no {SAFETENSORS_FILE}, {INDEX_FILE} or {PYTORCH_FILE}{hint}")
     try:  # weights_only: a pickle from the internet may hold tensors, never code
         tensors = torch.load(pt, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
@@ -191,13 +200,22 @@ def read_checkpoint(path, config, expected, dtype=None, device=None):
     return sd
 
 
-def write_checkpoint(config, state_dict, save_dir):
-    """Write config.json + model.safetensors in the family's HF layout, replacing save_dir in one rename.
+def foreign_files(directory):
+    """Files in `directory` that are not part of a saved checkpoint (replacing it would delete them)."""
+    ours = {CONFIG_FILE, SAFETENSORS_FILE, INDEX_FILE, PYTORCH_FILE, *TOKENIZER_FILES}
+    return sorted(f for f in os.listdir(directory) if f not in ours and not _SHARD.fullmatch(f))
+
+
+def write_checkpoint(config, state_dict, save_dir, max_shard_size="5GB"):
+    """Write config.json + weights in the family's HF layout, replacing save_dir in one rename.
+
+    Weights above max_shard_size (bytes, or "500MB", "5GB"...) are split into model-0000i-of-0000n
+    shards with model.safetensors.index.json, as transformers writes them; below it, one model.safetensors.
 
     state_dict is a plain model's (GPT.save_pretrained checks that); a tied lm_head is not written.
     Tokenizer files in the model's tokenizer directory are copied along, so the directory stands alone.
     """
-    sd = state_dict
+    sd, limit = state_dict, parse_size(max_shard_size)
     if any(t.is_meta for t in sd.values()):
         raise MiniloraError("model has parameters on the meta device (no data); load real weights first")
     if config.tie_word_embeddings and not torch.equal(sd["lm_head.weight"], sd["transformer.wte.weight"]):
@@ -209,7 +227,7 @@ def write_checkpoint(config, state_dict, save_dir):
     tokenizer_files = [os.path.join(config.tokenizer, f) for f in TOKENIZER_FILES
                        if os.path.isdir(config.tokenizer) and os.path.isfile(os.path.join(config.tokenizer, f))]
     if os.path.isdir(save_dir):  # the directory is replaced whole: never delete files we did not write
-        foreign = sorted(set(os.listdir(save_dir)) - {CONFIG_FILE, SAFETENSORS_FILE, PYTORCH_FILE, *TOKENIZER_FILES})
+        foreign = foreign_files(save_dir)
         if foreign:
             raise MiniloraError(f"{save_dir} holds files save_pretrained did not write ({', '.join(foreign[:5])}); "
                                 "it replaces the whole directory, so pass an empty or new one")
@@ -226,12 +244,14 @@ def write_checkpoint(config, state_dict, save_dir):
         with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump(hf_config, f, indent=2)
             f.write("\n")
-        save_file(tensors, os.path.join(tmp, SAFETENSORS_FILE), metadata={"format": "pt"})
+        save_sharded(tensors, tmp, limit, metadata={"format": "pt"})
         for src in tokenizer_files:
             shutil.copyfile(src, os.path.join(tmp, os.path.basename(src)))
 
 # -----------------------------------------------------------------------------
 # download
+
+
 
 def resolve(name_or_dir):
     """A local directory as is; a hub name ("gpt2", "org/name") -> its cache directory, downloading if needed."""
@@ -251,28 +271,58 @@ def cache_dir(name):
 
 
 def download(name):
-    """Fetch config.json and model.safetensors of hub model `name` into the cache; files already there are reused."""
+    """Fetch hub model `name` into the cache: config.json, the tokenizer files the hub has, then the weights
+    (model.safetensors, or model.safetensors.index.json and every shard it names); cached files are reused."""
     base = (os.environ.get("MINILORA_HUB_URL") or HUB_URL).rstrip("/")
     if not base.startswith(("http://", "https://")):
         raise MiniloraError(f"MINILORA_HUB_URL must start with http:// or https://, got {base!r}")
     path = cache_dir(name)
-    for file in (CONFIG_FILE, SAFETENSORS_FILE):
+
+    def get(file):
+        """True once `file` is in the cache; False when the hub has no such file (404)."""
         dest = os.path.join(path, file)
-        if not os.path.exists(dest):  # only complete files are ever renamed into the cache
-            _fetch(f"{base}/{name}/resolve/main/{file}", dest, name)
-        if file == CONFIG_FILE:
-            read_config(dest)  # a config we cannot load fails before gigabytes of weights download
+        # Only complete files are ever renamed into the cache, so one that exists is whole.
+        return os.path.exists(dest) or _fetch(f"{base}/{name}/resolve/main/{file}", dest)
+
+    if not get(CONFIG_FILE):
+        raise MiniloraError(f"no such model on the hub: {name} ({base}/{name}/resolve/main/{CONFIG_FILE} "
+                            "returned 404), and no local directory of that name")
+    dest = os.path.join(path, CONFIG_FILE)
+    read_config(dest)  # a config we cannot load fails before gigabytes of weights download
+    if _weights_cached(path):
+        return path  # the small files below were tried before the weights: nothing left to ask the hub
+    for file in TOKENIZER_FILES:
+        get(file)  # many models lack some of these; a 404 is no error
+    index = os.path.join(path, INDEX_FILE)
+    if not os.path.exists(index) and get(SAFETENSORS_FILE):
+        return path
+    if not get(INDEX_FILE):
+        raise MiniloraError(f"hub model {name} has neither {SAFETENSORS_FILE} nor {INDEX_FILE} (404 for both); "
+                            "minilora downloads safetensors weights only: fetch the files yourself and pass the directory")
+    for shard in sorted(set(read_index(index)[0].values())):  # read_index admits plain file names only
+        if not get(shard):
+            raise MiniloraError(f"hub model {name}: {INDEX_FILE} names {shard}, but "
+                                f"{base}/{name}/resolve/main/{shard} returned 404")
     return path
 
 
-def _fetch(url, dest, name):
+def _weights_cached(path):
+    """Whether the cache already holds complete weights: model.safetensors, or the index and all its shards."""
+    if os.path.isfile(os.path.join(path, SAFETENSORS_FILE)):
+        return True
+    index = os.path.join(path, INDEX_FILE)
+    return os.path.isfile(index) and all(os.path.isfile(os.path.join(path, shard))
+                                         for shard in set(read_index(index)[0].values()))
+
+
+def _fetch(url, dest):
+    """Download `url` to `dest` atomically; False (and nothing written) when the hub answers 404."""
     request = urllib.request.Request(url, headers={"User-Agent": "minilora"})
     try:
         response = urllib.request.urlopen(request, timeout=60)  # follows the hub's redirects to its CDN
     except urllib.error.HTTPError as e:
         if e.code == 404:
-            raise MiniloraError(f"no such model on the hub: {name} ({url} returned 404), "
-                                "and no local directory of that name") from None
+            return False  # the caller knows whether this file is required and what its absence means
         hint = "; the model may be gated or private: download it yourself and pass the directory" \
             if e.code in (401, 403) else ""
         raise MiniloraError(f"{url} returned HTTP {e.code} {e.reason}{hint}") from None
@@ -293,6 +343,7 @@ def _fetch(url, dest, name):
             _progress(os.path.basename(dest), done, total, end=True)
         if total is not None and done != total:  # urllib returns a short body silently when a connection drops
             raise MiniloraError(f"download of {url} was cut short ({done} of {total} bytes); run again to retry")
+    return True
 
 
 def _progress(file, done, total, end=False):

@@ -355,8 +355,8 @@ class GPT(nn.Module):
             model.transformer.wte.weight = model.lm_head.weight
         return model.eval()
 
-    def save_pretrained(self, save_dir):
-        """Write config.json + model.safetensors in the family's HF layout, replacing save_dir in one rename."""
+    def save_pretrained(self, save_dir, *, max_shard_size="5GB"):
+        """Write config.json + weights in the family's HF layout (sharded above max_shard_size), in one rename."""
         lora = next((name for name, m in self.named_modules() if hasattr(m, "base_layer")), None)
         if lora is not None:
             raise MiniloraError(f"model still has LoRA layers ({lora}); call merge_and_unload(model) "
@@ -367,4 +367,4 @@ class GPT(nn.Module):
         if extra or missing:
             raise MiniloraError(f"model is not a plain GPT: unexpected {extra[:5]}, missing {missing[:5]}; "
                                 "merge or remove extra modules first")
-        write_checkpoint(self.config, self.state_dict(), save_dir)
+        write_checkpoint(self.config, self.state_dict(), save_dir, max_shard_size)

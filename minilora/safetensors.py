@@ -13,13 +13,23 @@ The writer pads the header so the buffer starts at a multiple of 8 and stores wi
 first, so every tensor is aligned and `load_file` can hand out zero-copy views of a
 copy-on-write memory map. Every malformed file raises SafetensorsError naming the file and,
 where relevant, the tensor; nothing is allocated until the header proves the file holds it.
+
+Big checkpoints are sharded the way transformers shards them (`save_sharded`, `load_sharded`):
+
+    model-00001-of-00003.safetensors ... model-00003-of-00003.safetensors
+    model.safetensors.index.json    {"metadata": {"total_size": <bytes of tensor data>},
+                                     "weight_map": {tensor name: shard file name}}
+
+and a checkpoint that fits in one shard is a plain `model.safetensors` with no index.
 """
 
 import io
 import json
 import mmap
 import os
+import re
 import struct
+from fractions import Fraction
 
 import torch
 
@@ -111,13 +121,13 @@ def save(tensors, metadata=None):
 # -----------------------------------------------------------------------------
 # reading
 
-def _no_duplicate_keys(where):
+def _no_duplicate_keys(where, what="header"):
     def hook(pairs):
         obj = dict(pairs)
         if len(obj) != len(pairs):  # json keeps the last duplicate silently; two "w" entries is a corrupt file
             seen = set()
             dup = next(k for k, _ in pairs if k in seen or seen.add(k))
-            raise _fail(where, f"header has duplicate key {dup!r}")
+            raise _fail(where, f"{what} has duplicate key {dup!r}")
         return obj
     return hook
 
@@ -251,3 +261,156 @@ def load(data, where="<bytes>"):
     header, _, start = _guarded(where, _read_header, io.BytesIO(data), len(data), where)
     base = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # a bytearray is writable: no torch warning
     return _guarded(where, _build, header, base, start, where)
+
+
+# -----------------------------------------------------------------------------
+# sharded checkpoints: several files plus an index, as transformers writes them
+
+INDEX_SUFFIX = ".safetensors.index.json"  # "model" + INDEX_SUFFIX is the index beside model-0000i-of-0000n shards
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*")
+
+
+def parse_size(size):
+    """Bytes from an int or a string such as "5GB" (5 * 10**9), "2GiB" (2 * 2**30), "500MB", "1.5GB", "4096"."""
+    if _is_int(size):
+        n = size
+    elif isinstance(size, str) and (m := _SIZE.fullmatch(size)) and m[2].lower() in _UNITS:
+        n = int(Fraction(m[1]) * _UNITS[m[2].lower()])  # Fraction: "1.1GB" is exactly 1100000000, no float rounding
+    else:
+        raise MiniloraError(f"{size!r:.40} is not a size; give a number of bytes or one with a unit "
+                            "(B, KB, MB, GB, TB, or KiB, MiB, GiB, TiB), e.g. 5GB, 500MB, 2GiB")
+    if n < 1:
+        raise MiniloraError(f"size {size!r:.40} is {n} bytes; it must be at least 1 byte")
+    return n
+
+
+def _is_shard_name(name):
+    """A plain .safetensors file name: an index must never point outside its own directory."""
+    return (isinstance(name, str) and name.endswith(".safetensors") and ".." not in name
+            and not any(c in name for c in "/\\\0") and os.path.basename(name) == name)
+
+
+def read_index(path):
+    """(weight_map, metadata) of a .safetensors.index.json, validated: tensor name -> plain shard file name."""
+    where = os.fspath(path)
+    with open(where, "rb") as f:  # like load_file, a missing or unreadable file stays an OSError
+        raw = f.read()
+    try:
+        index = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys(where, "index"))
+    except SafetensorsError:
+        raise
+    except RecursionError:
+        raise _fail(where, "index JSON is nested too deeply") from None
+    except ValueError as e:
+        raise _fail(where, f"index is not valid UTF-8 JSON ({e})") from None
+    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+        raise _fail(where, 'index must be a JSON object with a "weight_map" object of tensor name -> shard file name')
+    weight_map = index["weight_map"]
+    if not weight_map:
+        raise _fail(where, "index has an empty weight_map: it names no tensors")
+    for name, shard in weight_map.items():
+        if not _is_shard_name(shard):
+            raise _fail(where, f"tensor {name!r} maps to {shard!r:.80}, which is not a plain .safetensors "
+                               "file name in the index's directory")
+    metadata = index.get("metadata")
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict):
+        raise _fail(where, f'"metadata" must be a JSON object, got {type(metadata).__name__}')
+    if "total_size" in metadata and not (_is_int(metadata["total_size"]) and metadata["total_size"] >= 0):
+        raise _fail(where, f"metadata.total_size must be a non-negative integer, got {metadata['total_size']!r:.40}")
+    return weight_map, metadata
+
+
+def _listing(items, limit=5):
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def load_sharded(index_path, device="cpu"):
+    """Every tensor of a sharded checkpoint (memory-mapped, as load_file), its index checked against its shards.
+
+    Each shard is read once and validated like any file; then every tensor must be in exactly the shard
+    the index names, and metadata.total_size (when present) must be the bytes the shards hold, so a
+    shard from another checkpoint or an index edited by hand fails by name instead of loading garbage.
+    """
+    where = os.fspath(index_path)
+    weight_map, metadata = read_index(where)
+    folder = os.path.dirname(where)
+    shards = sorted(set(weight_map.values()))
+    missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
+    if missing:
+        raise _fail(where, f"shard file(s) missing from {folder or '.'}: {_listing(missing)} "
+                           "(an interrupted download or copy? fetch them again)")
+    out, home = {}, {}  # home: tensor name -> the shard it was found in
+    twice, unlisted, moved = [], [], []
+    for shard in shards:
+        for name, t in load_file(os.path.join(folder, shard), device).items():
+            if name in home:
+                twice.append(f"{name} ({home[name]} and {shard})")
+            elif name not in weight_map:
+                unlisted.append(f"{name} (in {shard})")
+            elif weight_map[name] != shard:
+                moved.append(f"{name} (index: {weight_map[name]}, found in {shard})")
+            home.setdefault(name, shard)
+            out.setdefault(name, t)
+    absent = [f"{name} (index: {shard})" for name, shard in weight_map.items() if name not in home]
+    problems = [f"{kind}: {_listing(names)}" for kind, names in (
+        ("tensors missing from their shard", absent), ("tensors in another shard than the index says", moved),
+        ("tensors the index does not list", unlisted), ("tensors in two shards", twice)) if names]
+    if problems:
+        raise _fail(where, f"index does not match its shards: {'; '.join(problems)}")
+    total = sum(t.numel() * t.element_size() for t in out.values())
+    if "total_size" in metadata and metadata["total_size"] != total:
+        raise _fail(where, f"metadata.total_size is {metadata['total_size']} but the shards hold {total} bytes "
+                           "of tensors (a shard from another checkpoint?)")
+    return out
+
+
+def save_sharded(tensors, directory, max_shard_bytes, metadata=None, prefix="model"):
+    """Write `tensors` into `directory` as shards of at most max_shard_bytes each; return the paths written.
+
+    One shard is a plain `<prefix>.safetensors`; more are `<prefix>-0000i-of-0000n.safetensors` plus
+    `<prefix>.safetensors.index.json`, transformers' names. Tensors are packed in the order given; a tensor
+    bigger than the limit gets a shard of its own. `metadata` goes into every shard's header (transformers
+    writes {"format": "pt"}). Each file is written atomically, the index last; the directory as a whole is
+    the caller's to make atomic (build it inside fileio.atomic_directory).
+    """
+    limit = parse_size(max_shard_bytes)
+    _prepare(tensors, metadata)  # every name, dtype and metadata entry checked before the first file is written
+    if not isinstance(prefix, str) or not _is_shard_name(prefix + ".safetensors"):
+        raise SafetensorsError(f"prefix {prefix!r:.60} must be a plain file name such as 'model'")
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise SafetensorsError(f"{directory} is not a directory; save_sharded writes into an existing one")
+    # Weights already there would be read instead of ours (model.safetensors wins over an index), or mix with them.
+    ours = re.compile(re.escape(prefix) + r"(\.safetensors|\.safetensors\.index\.json|-\d{5}-of-\d{5}\.safetensors)")
+    stale = sorted(f for f in os.listdir(directory) if ours.fullmatch(f))
+    if stale:
+        raise SafetensorsError(f"{directory} already holds {_listing(stale)}; save_sharded writes into a "
+                               "directory without weights (a fresh one, or remove those files first)")
+    shards, size = [{}], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:  # never an empty shard: an oversized tensor sits alone
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    if len(shards) == 1:
+        path = os.path.join(directory, prefix + ".safetensors")
+        save_file(shards[0], path, metadata)
+        return [path]
+    n = len(shards)
+    written, weight_map = [], {}
+    for i, shard in enumerate(shards, start=1):
+        file = f"{prefix}-{i:05d}-of-{n:05d}.safetensors"
+        save_file(shard, os.path.join(directory, file), metadata)
+        written.append(os.path.join(directory, file))
+        weight_map |= dict.fromkeys(shard, file)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    path = os.path.join(directory, prefix + INDEX_SUFFIX)
+    with atomic_open(path, "w") as f:  # last: an index never names a shard that is not complete on disk
+        f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return written + [path]

@@ -20,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilora import GPT, GPTConfig, MiniloraError
-from minilora.safetensors import load_file, read_header, save_file
+from minilora.hub import read_checkpoint, write_checkpoint
+from minilora.safetensors import load_file, load_sharded, read_header, save_file, save_sharded
 
 CFG = dict(n_layer=2, n_head=2, n_embd=8, n_positions=16, vocab_size=29)
 
@@ -61,10 +62,12 @@ def hf_tensors(prefix="transformer.", seed=0):
     return {prefix + k: v for k, v in t.items()}
 
 
-def write_hf(path, tensors, config=None, fmt="safetensors"):
+def write_hf(path, tensors, config=None, fmt="safetensors", shard_bytes=None):
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(hf_config() if config is None else config))
-    if fmt == "safetensors":
+    if shard_bytes is not None:  # model-0000i-of-0000n.safetensors + model.safetensors.index.json
+        save_sharded(tensors, path, shard_bytes, metadata={"format": "pt"})
+    elif fmt == "safetensors":
         save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     else:
         torch.save(tensors, path / "pytorch_model.bin")
@@ -230,8 +233,12 @@ def test_bad_directories(tmp_path):
     with pytest.raises(MiniloraError, match="not valid JSON"):
         GPT.from_pretrained(tmp_path / "empty")
     (tmp_path / "empty" / "config.json").write_text(json.dumps(hf_config()))
-    with pytest.raises(MiniloraError, match="has no model.safetensors or pytorch_model.bin"):
+    with pytest.raises(MiniloraError, match="has no model.safetensors, model.safetensors.index.json or pytorch_model.bin$"):
         GPT.from_pretrained(tmp_path / "empty")
+    (tmp_path / "empty" / "pytorch_model.bin.index.json").write_text("{}")
+    with pytest.raises(MiniloraError, match="sharded pytorch_model.bin checkpoints are not supported"):
+        GPT.from_pretrained(tmp_path / "empty")
+    os.remove(tmp_path / "empty" / "pytorch_model.bin.index.json")
     (tmp_path / "empty" / "pytorch_model.bin").write_bytes(b"garbage")
     with pytest.raises(MiniloraError, match="cannot read .*pytorch_model.bin"):
         GPT.from_pretrained(tmp_path / "empty")
@@ -277,7 +284,7 @@ def hub(tmp_path, monkeypatch):
     class Handler(http.server.SimpleHTTPRequestHandler):
         def do_GET(self):
             requests.append(self.path)
-            if "/broken/" in self.path and self.path.endswith(".safetensors"):
+            if "/broken/" in self.path and self.path.endswith(".safetensors") and (root / self.path.lstrip("/")).is_file():
                 data = (root / self.path.lstrip("/")).read_bytes()
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(data)))  # promise everything, send half, hang up
@@ -290,12 +297,13 @@ def hub(tmp_path, monkeypatch):
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # a short poll interval: shutdown() waits up to one interval, 0.5 s by default, in every test's teardown
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     monkeypatch.setenv("MINILORA_HUB_URL", f"http://127.0.0.1:{server.server_address[1]}/")
 
-    def publish(name, tensors):
-        write_hf(root / name / "resolve" / "main", tensors)
+    def publish(name, tensors, shard_bytes=None):
+        return write_hf(root / name / "resolve" / "main", tensors, shard_bytes=shard_bytes)
 
     yield publish, requests
     server.shutdown()
@@ -304,6 +312,9 @@ def hub(tmp_path, monkeypatch):
 
 def cache_files(tmp_path):
     return sorted(str(p.relative_to(tmp_path / "cache")) for p in (tmp_path / "cache").rglob("*") if p.is_file())
+
+
+OPTIONAL = ("generation_config.json", "tokenizer.json", "tokenizer_config.json")  # 404 is fine for these
 
 
 class FakeTTY(io.StringIO):
@@ -318,13 +329,13 @@ def test_download_then_reuse_cache(tmp_path, hub, monkeypatch):
     stderr = FakeTTY()
     monkeypatch.setattr("sys.stderr", stderr)
     model = GPT.from_pretrained("tiny-test/model")
-    assert requests == ["/tiny-test/model/resolve/main/config.json", "/tiny-test/model/resolve/main/model.safetensors"]
+    assert requests == [f"/tiny-test/model/resolve/main/{f}" for f in ("config.json", *OPTIONAL, "model.safetensors")]
     assert cache_files(tmp_path) == ["tiny-test/model/config.json", "tiny-test/model/model.safetensors"]
     size = os.path.getsize(tmp_path / "cache/tiny-test/model/model.safetensors")
     assert stderr.getvalue().endswith(f"\rdownloading model.safetensors: {size / 1e6:.1f}/{size / 1e6:.1f} MB\n")
     torch.testing.assert_close(model(IDX, all_logits=True)[0].double(), reference_logits(t, IDX), atol=1e-5, rtol=1e-5)
     again = GPT.from_pretrained("tiny-test/model")
-    assert len(requests) == 2  # served from the cache: no request at all
+    assert len(requests) == 5  # served from the cache: no request at all, not even for the files the hub lacks
     assert torch.equal(again.transformer.wte.weight, model.transformer.wte.weight)
 
 
@@ -355,3 +366,97 @@ def test_unreachable_hub(monkeypatch):
     monkeypatch.setenv("MINILORA_HUB_URL", "ftp://example.org")
     with pytest.raises(MiniloraError, match="MINILORA_HUB_URL must start with http"):
         GPT.from_pretrained("gpt2")
+
+
+# ---- sharded checkpoints -------------------------------------------------------------------------
+
+SHARDS = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+
+
+def test_sharded_checkpoint_loads_the_same_state_dict(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name("tiny"))
+    write_checkpoint(model.config, model.state_dict(), tmp_path / "one")
+    write_checkpoint(model.config, model.state_dict(), tmp_path / "many")
+    weights = tmp_path / "many" / "model.safetensors"
+    tensors = load_file(weights)
+    os.remove(weights)
+    written = save_sharded(tensors, tmp_path / "many", sum(t.nbytes for t in tensors.values()) // 3,
+                           metadata={"format": "pt"})
+    assert len(written) >= 4 and written[-1].endswith("model.safetensors.index.json")  # 3+ shards and the index
+    config, sd = read_checkpoint(tmp_path / "many")
+    want_config, want = read_checkpoint(tmp_path / "one")
+    assert config == want_config == model.config and sd.keys() == want.keys() == model.state_dict().keys()
+    for k, v in model.state_dict().items():
+        assert torch.equal(sd[k], v) and torch.equal(want[k], v), k
+    (tmp_path / "many" / written[0]).unlink()  # a shard gone: named, not a confusing "missing tensors"
+    with pytest.raises(MiniloraError, match=r"shard file.s. missing from .*many: model-00001-of-0000\d.safetensors"):
+        read_checkpoint(tmp_path / "many")
+
+
+def test_download_sharded_model(tmp_path, hub):
+    publish, requests = hub
+    t = hf_tensors()
+    src = publish("tiny-test/sharded", t, shard_bytes=4000)
+    assert sorted(os.listdir(src)) == ["config.json", *SHARDS, "model.safetensors.index.json"]  # no model.safetensors
+    (src / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    model = GPT.from_pretrained("tiny-test/sharded")
+    base = "/tiny-test/sharded/resolve/main/"
+    assert requests == [base + f for f in ("config.json", *OPTIONAL, "model.safetensors",  # 404 -> the index
+                                           "model.safetensors.index.json", *SHARDS)]
+    cache = tmp_path / "cache" / "tiny-test" / "sharded"
+    assert cache_files(tmp_path) == sorted(f"tiny-test/sharded/{f}" for f in (
+        "config.json", "tokenizer_config.json", "model.safetensors.index.json", *SHARDS))
+    assert json.loads((cache / "tokenizer_config.json").read_text()) == {"eos_token": "<|endoftext|>"}
+    cached = load_sharded(cache / "model.safetensors.index.json")
+    assert cached.keys() == t.keys() and all(torch.equal(cached[k], v) for k, v in t.items())
+    torch.testing.assert_close(model(IDX, all_logits=True)[0].double(), reference_logits(t, IDX), atol=1e-5, rtol=1e-5)
+    n = len(requests)
+    GPT.from_pretrained("tiny-test/sharded")
+    assert len(requests) == n  # everything from the cache
+
+
+def test_missing_shard_on_the_hub_then_resume(tmp_path, hub):
+    publish, requests = hub
+    src = publish("tiny-test/gap", hf_tensors(), shard_bytes=4000)
+    saved = (src / SHARDS[1]).read_bytes()
+    (src / SHARDS[1]).unlink()
+    with pytest.raises(MiniloraError, match=f"hub model tiny-test/gap: model.safetensors.index.json names {SHARDS[1]}, "
+                                            f"but .*/{SHARDS[1]} returned 404"):
+        GPT.from_pretrained("tiny-test/gap")
+    assert cache_files(tmp_path) == sorted(f"tiny-test/gap/{f}" for f in (
+        "config.json", "model.safetensors.index.json", SHARDS[0]))  # nothing partial, no temporary file
+    (src / SHARDS[1]).write_bytes(saved)
+    n = len(requests)
+    GPT.from_pretrained("tiny-test/gap")
+    # complete files are skipped, the cached index stands for model.safetensors; optional 404s are asked again
+    assert [r.rsplit("/", 1)[1] for r in requests[n:]] == [*OPTIONAL, *SHARDS[1:]]
+
+
+def test_interrupted_shard_leaves_no_partial_file(tmp_path, hub):
+    publish, _ = hub
+    publish("sharded/broken", hf_tensors(), shard_bytes=4000)  # the server cuts every .safetensors in half
+    with pytest.raises(MiniloraError, match=f"{SHARDS[0]} was cut short"):
+        GPT.from_pretrained("sharded/broken")
+    assert cache_files(tmp_path) == ["sharded/broken/config.json", "sharded/broken/model.safetensors.index.json"]
+
+
+def test_hub_index_naming_a_path_fetches_nothing_outside(tmp_path, hub):
+    publish, requests = hub
+    src = publish("tiny-test/evil", hf_tensors(), shard_bytes=4000)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"]["transformer.wte.weight"] = "../../../escape.safetensors"
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(MiniloraError, match="maps to '../../../escape.safetensors', which is not a plain"):
+        GPT.from_pretrained("tiny-test/evil")
+    assert requests[-1].endswith("/model.safetensors.index.json")  # no shard was requested
+    assert not any(".safetensors" in p.name and "index" not in p.name for p in (tmp_path / "cache").rglob("*"))
+
+
+def test_hub_without_safetensors_weights(tmp_path, hub):
+    publish, _ = hub
+    src = publish("tiny-test/binonly", hf_tensors())
+    (src / "model.safetensors").unlink()
+    with pytest.raises(MiniloraError, match="hub model tiny-test/binonly has neither model.safetensors nor "
+                                            "model.safetensors.index.json"):
+        GPT.from_pretrained("tiny-test/binonly")

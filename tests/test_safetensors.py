@@ -3,6 +3,8 @@
 import gc
 import json
 import os
+import pathlib
+import shutil
 import struct
 
 import pytest
@@ -10,7 +12,8 @@ import torch
 
 import minilora.safetensors as st
 from minilora.errors import MiniloraError
-from minilora.safetensors import SafetensorsError, load, load_file, read_header, save, save_file
+from minilora.safetensors import (SafetensorsError, load, load_file, load_sharded, parse_size, read_header,
+                                 read_index, save, save_file, save_sharded)
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -341,3 +344,173 @@ def test_load_file_device_argument(tmp_path):
     save_file({"a": torch.ones(2)}, tmp_path / "d.safetensors")
     for device in ("cpu", torch.device("cpu")):
         assert load_file(tmp_path / "d.safetensors", device=device)["a"].device.type == "cpu"
+
+
+# -----------------------------------------------------------------------------
+# sharded checkpoints: model-0000i-of-0000n.safetensors + model.safetensors.index.json
+
+LLAMA = pathlib.Path(__file__).parent / "fixtures" / "hf" / "llama" / "model"  # 6 shards written by transformers
+INDEX = "model.safetensors.index.json"
+
+
+def shard_tensors():
+    """Five tensors of 40, 40, 400, 8 and 40 bytes, in packing order."""
+    return {"a": random_tensor(torch.float32, (10,), 1), "b": random_tensor(torch.float32, (10,), 2),
+            "big": random_tensor(torch.float32, (100,), 3), "c": random_tensor(torch.int16, (4,), 4),
+            "d": random_tensor(torch.bfloat16, (20,), 5)}
+
+
+def fresh(path):
+    path.mkdir()  # save_sharded writes into an existing directory
+    return path
+
+
+def test_sharded_round_trip_packs_in_order(tmp_path):
+    tensors = shard_tensors()
+    written = save_sharded(tensors, tmp_path, 90, metadata={"format": "pt"})
+    names = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert [os.path.basename(p) for p in written] == names + [INDEX]
+    assert sorted(os.listdir(tmp_path)) == names + [INDEX]  # no model.safetensors, no temporary files
+    # a+b fill 80 of 90 bytes; big (400 > 90) sits alone; c+d = 48 share the last shard
+    assert [sorted(read_header(tmp_path / n)[0]) for n in names] == [["a", "b"], ["big"], ["c", "d"]]
+    assert all(read_header(tmp_path / n)[1] == {"format": "pt"} for n in names)
+    index = json.loads((tmp_path / INDEX).read_text())
+    assert index == {"metadata": {"total_size": 528}, "weight_map": {
+        "a": names[0], "b": names[0], "big": names[1], "c": names[2], "d": names[2]}}
+    assert list(index["weight_map"]) == sorted(index["weight_map"])
+    loaded = load_sharded(tmp_path / INDEX)
+    assert sorted(loaded) == sorted(tensors) and all(same_bits(loaded[k], t) for k, t in tensors.items())
+
+
+def test_sharded_fits_in_one_file_and_size_strings(tmp_path):
+    tensors = shard_tensors()
+    written = save_sharded(tensors, tmp_path, "1KB")
+    assert written == [os.path.join(tmp_path, "model.safetensors")] and os.listdir(tmp_path) == ["model.safetensors"]
+    assert all(same_bits(load_file(written[0])[k], t) for k, t in tensors.items())
+    one_each = save_sharded(tensors, fresh(tmp_path / "x"), 1, prefix="adapter")  # every tensor over the limit
+    assert [os.path.basename(p) for p in one_each] == [f"adapter-0000{i}-of-00005.safetensors" for i in range(1, 6)] + [
+        "adapter.safetensors.index.json"]
+    assert sorted(load_sharded(tmp_path / "x" / "adapter.safetensors.index.json")) == sorted(tensors)
+
+
+def test_save_sharded_refuses_before_writing(tmp_path):
+    save_sharded({"w": torch.ones(2)}, tmp_path, 100)
+    with pytest.raises(SafetensorsError, match="already holds model.safetensors"):  # it would shadow new shards
+        save_sharded(shard_tensors(), tmp_path, 90)
+    for args, match in [((shard_tensors(), tmp_path / "nodir", 90), "not a directory"),
+                        (({"w": torch.ones(2), "z": torch.ones(2, dtype=torch.complex64)}, tmp_path / "e", 4), "'z'"),
+                        ((shard_tensors(), tmp_path / "e", 0), "at least 1 byte"),
+                        ((shard_tensors(), tmp_path / "e", 90, None, "../model"), "prefix")]:
+        (tmp_path / "e").mkdir(exist_ok=True)
+        with pytest.raises(MiniloraError, match=match):
+            save_sharded(*args)
+        assert os.listdir(tmp_path / "e") == []
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("5GB", 5 * 10**9), ("500MB", 500 * 10**6), ("2GiB", 2 * 2**30), ("1.5 gb", 1_500_000_000), ("64kib", 65536),
+    ("4096", 4096), (" 10B ", 10), (1234, 1234), ("1.1GB", 1_100_000_000)])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["5 gigs", "GB", "-1GB", "", "1e9", True, 2.5, None, 0, "0MB"])
+def test_parse_size_refuses_with_a_hint(bad):
+    with pytest.raises(MiniloraError, match="not a size|at least 1 byte") as e:
+        parse_size(bad)
+    assert "\n" not in str(e.value)
+
+
+def sharded_dir(tmp_path):
+    save_sharded(shard_tensors(), fresh(tmp_path / "ck"), 90)
+    return tmp_path / "ck"
+
+
+def edit_index(d, fn):
+    index = json.loads((d / INDEX).read_text())
+    fn(index)
+    (d / INDEX).write_text(json.dumps(index))
+
+
+S1, S2, S3 = (f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3))
+
+
+def _add_to_shard(d, shard, **extra):
+    save_file({**load_file(d / shard), **extra}, d / shard)
+
+
+CORRUPTIONS = {
+    "missing shard": (lambda d: os.remove(d / S2), f"shard file.s. missing from .*: {S2} "),
+    "wrong shard": (lambda d: edit_index(d, lambda i: i["weight_map"].update(a=S3)),
+                    f"tensors in another shard than the index says: a .index: {S3}, found in {S1}."),
+    "missing tensor": (lambda d: edit_index(d, lambda i: i["weight_map"].update(ghost=S1)),
+                       f"tensors missing from their shard: ghost .index: {S1}."),
+    "extra tensor": (lambda d: _add_to_shard(d, S3, extra=torch.ones(1)),
+                     f"tensors the index does not list: extra .in {S3}."),
+    "duplicate": (lambda d: _add_to_shard(d, S3, a=torch.ones(1)), f"tensors in two shards: a .{S1} and {S3}."),
+    "path escape": (lambda d: edit_index(d, lambda i: i["weight_map"].update(a="../" + S1)),
+                    "tensor 'a' maps to '../model-00001-of-00003.safetensors', which is not a plain"),
+    "absolute path": (lambda d: edit_index(d, lambda i: i["weight_map"].update(a="/etc/x.safetensors")), "not a plain"),
+    "not a shard file": (lambda d: edit_index(d, lambda i: i["weight_map"].update(a="config.json")), "not a plain"),
+    "not json": (lambda d: (d / INDEX).write_text("{not json"), "index is not valid UTF-8 JSON"),
+    "a list": (lambda d: (d / INDEX).write_text("[1, 2]"), "must be a JSON object with a .weight_map"),
+    "no weight_map": (lambda d: edit_index(d, lambda i: i.pop("weight_map")), "must be a JSON object with a .weight_map"),
+    "empty weight_map": (lambda d: edit_index(d, lambda i: i.update(weight_map={})), "empty weight_map"),
+    "non-string shard": (lambda d: edit_index(d, lambda i: i["weight_map"].update(a=1)), "tensor 'a' maps to 1"),
+    "duplicate key": (lambda d: (d / INDEX).write_text(f'{{"weight_map": {{"a": "{S1}", "a": "{S2}"}}}}'),
+                      "index has duplicate key 'a'"),
+    "bad metadata": (lambda d: edit_index(d, lambda i: i.update(metadata=[1])), '"metadata" must be a JSON object'),
+    "bad total_size": (lambda d: edit_index(d, lambda i: i["metadata"].update(total_size="528")),
+                       "total_size must be a non-negative integer"),
+    "wrong total_size": (lambda d: edit_index(d, lambda i: i["metadata"].update(total_size=529)),
+                         "metadata.total_size is 529 but the shards hold 528 bytes"),
+    "corrupt shard": (lambda d: (d / S3).write_bytes((d / S3).read_bytes()[:-3]), f"{S3}: "),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_sharded_corruption_is_one_line_naming_it(tmp_path, case):
+    corrupt, match = CORRUPTIONS[case]
+    d = sharded_dir(tmp_path)
+    load_sharded(d / INDEX)  # sound before the damage
+    corrupt(d)
+    with pytest.raises(SafetensorsError, match=match) as e:
+        load_sharded(d / INDEX)
+    assert isinstance(e.value, MiniloraError) and "\n" not in str(e.value)
+    assert str(d / INDEX) in str(e.value) or case == "corrupt shard"
+
+
+def test_sharded_reports_every_mismatch_at_once(tmp_path):
+    d = sharded_dir(tmp_path)
+    _add_to_shard(d, S1, extra=torch.ones(1), c=torch.ones(1))
+    edit_index(d, lambda i: i["weight_map"].update(ghost=S2))
+    msg = pytest.raises(SafetensorsError, load_sharded, d / INDEX).value.args[0]
+    assert "ghost" in msg and "extra" in msg and f"c (index: {S3}, found in {S1})" in msg  # c was seen in S1 first
+
+
+def test_missing_index_stays_an_os_error(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_sharded(tmp_path / INDEX)
+
+
+def test_reads_the_sharded_llama_checkpoint_transformers_wrote():
+    weight_map, metadata = read_index(LLAMA / INDEX)
+    assert len(set(weight_map.values())) == 6
+    tensors = load_sharded(LLAMA / INDEX)
+    assert sorted(tensors) == sorted(weight_map)
+    for shard in set(weight_map.values()):
+        for name, t in load_file(LLAMA / shard).items():
+            assert weight_map[name] == shard and same_bits(tensors[name], t), name
+    assert sum(t.numel() * t.element_size() for t in tensors.values()) == metadata["total_size"]
+    assert tensors["model.embed_tokens.weight"].shape == (1000, 64) and tensors["model.norm.weight"].shape == (64,)
+
+
+def test_resharding_the_llama_checkpoint_round_trips(tmp_path):
+    shutil.copytree(LLAMA, tmp_path / "orig")  # a copy reads the same: the index names its shards relative to itself
+    tensors = load_sharded(tmp_path / "orig" / INDEX)
+    (tmp_path / "new").mkdir()
+    *shards, index = save_sharded(tensors, tmp_path / "new", "300KB")
+    assert len(shards) == 4 and index.endswith(INDEX)  # 857344 bytes in shards of at most 300000
+    assert all(sum(v.numel() * 4 for v in load_file(p).values()) <= 300_000 for p in shards)
+    again = load_sharded(index)
+    assert sorted(again) == sorted(tensors) and all(same_bits(again[k], t) for k, t in tensors.items())

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from minilora.errors import MiniloraError
+from minilora.hf_layout import hf_name, our_name
 from minilora.lora import LoraConfig, apply_lora, lora_layers
 from minilora.fileio import atomic_directory
 from minilora.safetensors import load_file, read_header, save_file
@@ -134,7 +135,9 @@ def save_adapter(model, save_dir, adapter_name="default", base_model_name_or_pat
     """Write one adapter as a PEFT directory, atomically (a crash leaves the old directory or the new one).
 
     dtype: store the tensors in this dtype (e.g. torch.bfloat16); default: the adapter's own (fp32).
-    format: "peft" (minilora module names) or "hf-gpt2" (PEFT on HF GPT-2: c_attn, fan_in_fan_out).
+    format: "peft" or "hf-gpt2" (PEFT on HF GPT-2: c_attn, fan_in_fan_out). "peft" keys use the HF
+    module names of OPT and Llama-family models (model.layers.N.self_attn.q_proj, ...), so PEFT and vLLM
+    load them onto the HF model; a GPT-2 model's keep minilora's names (transformer.h.N.attn.q_proj).
     """
     config = _config(model, adapter_name)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -142,6 +145,8 @@ def save_adapter(model, save_dir, adapter_name="default", base_model_name_or_pat
     tensors, peft = adapter_state_dict(model, adapter_name), peft_config_dict(config)
     if format == HF_GPT2:
         tensors, peft = _to_hf_gpt2(model, adapter_name, config, tensors, peft)
+    elif format == "peft" and model.config.family != "gpt2":
+        tensors, peft = _to_family(model.config, tensors, peft)
     elif format != "peft":
         raise MiniloraError(f"save_adapter format must be 'peft' or {HF_GPT2!r}, got {format!r}")
     if base_model_name_or_path is not None:
@@ -194,7 +199,10 @@ def read_adapter(model, adapter_dir, *, allow_pickle=False, expected_base=None, 
         plan = _hf_plan(shapes, wpath)  # our key -> (file key, rows of it)
         raw = _hf_config(raw, plan, model.config.n_layer, where)
     else:
-        plan = {_canon(k): (k, None) for k in shapes}
+        family = model.config.family != "gpt2"  # OPT / Llama-family files name the HF model's modules
+        plan = {_canon(_from_family(model.config, k) if family else k): (k, None) for k in shapes}
+        if family:
+            raw = _config_from_family(raw)
         if isinstance(raw.get("target_modules"), str) and raw["target_modules"] != "all-linear":
             # A regex from a file is never run: a nested quantifier can backtrack for hours on one module
             # name (ReDoS). The file's keys name exactly the modules it adapted; target those paths.
@@ -362,6 +370,37 @@ def _target_list(paths, n_layer):
     # the leaf name alone unless it is ambiguous (GPT-2 has attn.c_proj and mlp.c_proj)
     names = [k if k.endswith("c_proj") else k.split(".")[-1] for k in kinds]
     return names, None if blocks == list(range(n_layer)) else blocks
+
+
+# ---- OPT and Llama-family adapters: PEFT keys carry the HF model's module names ---------------
+
+_MODULES_TO_SAVE = {"wte": "embed_tokens"}  # leaf names that differ (lm_head is lm_head everywhere)
+
+
+def _to_family(config, tensors, peft):
+    """Our keys and names -> the HF model's (model.layers.N.self_attn.q_proj, embed_tokens, ...)."""
+    tensors = {PREFIX + hf_name(config, k[len(PREFIX):]): t for k, t in tensors.items()}
+    if peft["target_modules"] is not None and not isinstance(peft["target_modules"], str):
+        peft["target_modules"] = [hf_name(config, m) for m in peft["target_modules"]]
+    if peft["modules_to_save"]:
+        peft["modules_to_save"] = [_MODULES_TO_SAVE.get(m, hf_name(config, m)) for m in peft["modules_to_save"]]
+    peft["layers_pattern"] = None
+    return tensors, peft
+
+
+def _from_family(config, key):
+    return PREFIX + our_name(config, key[len(PREFIX):]) if key.startswith(PREFIX) else key
+
+
+def _config_from_family(raw):
+    """adapter_config.json of an HF-named adapter -> our names (only leaf names and prefixes differ)."""
+    back = {v: k for k, v in _MODULES_TO_SAVE.items()}
+    raw = dict(raw)
+    if isinstance(raw.get("modules_to_save"), list):
+        raw["modules_to_save"] = [back.get(m, m) for m in raw["modules_to_save"]]
+    if raw.get("layers_pattern") in ("layers", ["layers"]):  # HF's name for our transformer.h
+        raw["layers_pattern"] = None
+    return raw
 
 
 def _lora_paths(keys):

@@ -50,18 +50,21 @@ GPT2_SMALL = ("gpt2", {})
 MODES = {
     "default": dict(train=(GPT2_SMALL, 8, 256), memory=(("gpt2-medium", {}), 1, 256), repeats=3,
                     gen=(GPT2_SMALL, 32, 512), prefill=(GPT2_SMALL, 8, 256), matmul_n=2048, bandwidth_mb=512,
-                    serving=dict(batch=dict(preset="gpt2"), server=dict(preset="gpt2"))),
+                    serving=dict(batch=dict(preset="gpt2"), server=dict(preset="gpt2")),
+                    families=((GPT2_SMALL, ("smollm2-135m", {})), 8, 256)),
     "quick": dict(train=(("gpt2", dict(n_layer=4, n_head=4, n_embd=256)), 4, 128),
                   memory=(("gpt2", dict(n_layer=8, n_head=4, n_embd=256)), 1, 128), repeats=3,
                   gen=(("gpt2", dict(n_layer=4, n_head=4, n_embd=256)), 32, 64),
                   prefill=(("gpt2", dict(n_layer=4, n_head=4, n_embd=256)), 4, 128), matmul_n=1024, bandwidth_mb=128,
-                  serving=dict(batch=dict(preset="small", new_tokens=8), server=dict(preset="small", max_tokens=8))),
+                  serving=dict(batch=dict(preset="small", new_tokens=8), server=dict(preset="small", max_tokens=8)),
+                  families=((("small", {}), ("small-llama", {})), 4, 128)),
     "smoke": dict(train=(("tiny", dict(vocab_size=1024, block_size=128)), 2, 32),
                   memory=(("tiny", dict(vocab_size=1024, block_size=128)), 1, 32), repeats=1,
                   gen=(("tiny", dict(vocab_size=1024, block_size=128)), 8, 8),
                   prefill=(("tiny", dict(vocab_size=1024, block_size=128)), 2, 32), matmul_n=512, bandwidth_mb=8,
                   serving=dict(batch=dict(preset="tiny", n_requests=4, n_adapters=2, new_tokens=4, repeats=1),
-                               server=dict(preset="tiny", clients=4, max_tokens=4, n_adapters=2))),
+                               server=dict(preset="tiny", clients=4, max_tokens=4, n_adapters=2)),
+                  families=((("tiny", {}), ("tiny-llama", {})), 2, 32)),
 }
 LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])  # the paper's W_q, W_v at r=8
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -104,6 +107,11 @@ def build(shape, lora=False, **lora_overrides):
     if lora:
         apply_lora(model, LoraConfig(**{**LORA, **lora_overrides}))
     return model
+
+
+def n_params(shape):
+    with torch.device("meta"):  # shapes only
+        return GPT(GPTConfig.from_name(shape[0], **shape[1])).num_parameters()
 
 
 def matmul_gflops(n, dtype):
@@ -260,6 +268,12 @@ def measure(mode):
     shape, B, T = m["prefill"]
     res["prefill"] = run_worker("prefill", dict(shape=shape, batch=B, seq=T, repeats=m["repeats"]), "prefill")
     res["serving"] = run_worker("serving", m["serving"], "multi-adapter serving")
+    shapes, B, T = m["families"]  # the same LoRA step on a GPT-2 shape and a Llama-family one of similar size
+    for shape in shapes:
+        for dtype in ["fp32"] if skip else DTYPES:
+            res[f"family_{shape[0]}_{dtype}"] = run_worker(
+                "train", dict(shape=shape, batch=B, seq=T, lora=True, dtype=dtype, repeats=m["repeats"],
+                              matmul_n=m["matmul_n"]), f"LoRA step {shape[0]} {dtype}")
     return res
 
 
@@ -339,6 +353,15 @@ def report(mode, res):
         ratio("mixed batch speed-up vs merged one by one", b["speedup_vs_merged_one_by_one"], ">=", 4)
         ratio("mixed batch time / base batch time", b["mixed_over_base"], "<=", 1.5)
         ratio("server tok/s concurrent / sequential", s["speedup"], ">=", 3)
+    shapes, B, T = m["families"]
+    section = f"LoRA r=8 q,v training step by family, batch {B}x{T}, AdamW"
+    for dtype in DTYPES:
+        for shape in shapes:
+            r = res.get(f"family_{shape[0]}_{dtype}")
+            if r is not None:
+                row(section, f"family_{shape[0]}_{dtype}", f"{describe(shape)}, {dtype}", r["tokens_per_s"], "tok/s",
+                    f"{n_params(shape) / 1e6:.0f}M params, "
+                    f"peak RSS {r['peak_rss_mb']:.0f} MB")
     return rows, ratios
 
 

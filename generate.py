@@ -5,7 +5,7 @@
     python generate.py --init_from out/base --adapter out/sql --merge --stream
     python generate.py --init_from scratch:gpt2 --max_new_tokens 128 --temperature 0 --no-cache  # speed check
 
---init_from takes a directory (HF GPT-2 layout, or a train.py output dir: a LoRA one brings its
+--init_from takes a directory (HF layout of GPT-2, OPT, Llama, Mistral or Qwen2, or a train.py output dir: a LoRA one brings its
 base and adapter), a hub name such as gpt2 (downloaded once), or random weights: a preset that
 is not a GPT-2 name (tiny, small) or scratch:PRESET (scratch:gpt2); minilora.loading reads all
 of them, for every script. Every option: -h.
@@ -82,7 +82,7 @@ def main(argv=None):
                 text = f.read()
         except UnicodeDecodeError as e:
             raise MiniloraError(f"--prompt_file {args.prompt_file} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    ids = tok.encode(text) if text else [tok.eot_token]
+    ids = tok.encode_document(text) if text else [tok.bos_token if tok.add_bos else tok.eot_token]
     n = args.max_new_tokens
     if n is None:
         n = min(200, model.config.block_size - len(ids))
@@ -90,7 +90,7 @@ def main(argv=None):
             raise MiniloraError(f"the prompt's {len(ids)} tokens fill the model's context "
                                 f"(block_size={model.config.block_size}); shorten the prompt")
     kwargs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, use_cache=args.cache,
-                  stop=args.stop, seed=args.seed, eot_token=tok.eot_token, tokenizer=tok)
+                  stop=args.stop, seed=args.seed, eot_token=tok.eos_token_ids, tokenizer=tok)
 
     if args.stream:
         stream = stream_generate(model, [ids], n, **kwargs)

@@ -1,4 +1,4 @@
-"""Merge a LoRA adapter into its base model and write a standalone checkpoint (HF GPT-2 layout).
+"""Merge a LoRA adapter into its base model and write a standalone checkpoint (the base family's HF layout).
 
     python merge.py --adapter out/sql --out out/sql-merged                 # base read from the adapter
     python merge.py --base out/base --adapter out/sql --out out/merged --dtype bf16
@@ -32,7 +32,7 @@ SAMPLE_ROWS, SAMPLE_LEN, SAMPLE_SEED = 4, 32, 0  # the verification batch: rando
 
 @dataclass
 class Args:
-    """Merge a LoRA adapter into its base model and write the result in the HF GPT-2 layout."""
+    """Merge a LoRA adapter into its base model and write the result in the base family's HF layout."""
     adapter: str = opt("", "the PEFT-format adapter directory to merge (required)")
     out: str = opt("", "directory to write the merged model to (required)")
     base: str | None = opt(None, "base model dir or hub name; default: the base the adapter records")

@@ -31,7 +31,7 @@ from minilora.tokenizer import get_tokenizer
 class ServeArgs:
     """Serve a base model and many LoRA adapters behind an OpenAI-compatible API."""
 
-    init_from: str = opt("", "the base model: an HF GPT-2 name or directory (e.g. a train.py --lora_r 0 out_dir), "
+    init_from: str = opt("", "the base model: an HF model name or directory (GPT-2, OPT, Llama, Mistral, Qwen2; or a train.py --lora_r 0 out_dir), "
                              "or a preset for random weights (tiny, scratch:gpt2)")
     lora_modules: list[str] = opt([], "adapters to serve, as name=path (PEFT-format directories) or vLLM's JSON "
                                       "'{\"name\": ..., \"path\": ...}'")
@@ -73,7 +73,7 @@ def lora_modules(specs):
 def main(argv=None):
     args = parse_args(ServeArgs, argv)
     if not args.init_from:
-        raise MiniloraError("--init_from is required: the base model's HF GPT-2 name or directory")
+        raise MiniloraError("--init_from is required: the base model's HF name or directory")
     adapters = lora_modules(args.lora_modules)
     base_name = args.served_model_name or args.init_from
     if base_name in adapters:

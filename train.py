@@ -9,7 +9,7 @@
 
 Every option, with its default: `python train.py -h` (they are the fields of minilora.trainer.TrainConfig).
 The output directory gets the adapter in PEFT format (adapter_config.json + adapter_model.safetensors)
-or, with --lora_r 0, the model in the HF GPT-2 layout; minilora.json names the base and tokenizer;
+or, with --lora_r 0, the model in its family's HF layout; minilora.json names the base and tokenizer;
 log.jsonl holds every logged step; checkpoint/ is what --resume reads.
 """
 

@@ -113,6 +113,12 @@ def check_rope_scaling(scaling):
                             f"with low_freq_factor < high_freq_factor, got {scaling!r:.120}")
 
 
+# The hub checkpoint whose shape each published preset copies (its weights: --init_from the hub name).
+HUB_NAMES = {"opt-125m": "facebook/opt-125m", "opt-350m": "facebook/opt-350m", "llama2-7b": "meta-llama/Llama-2-7b-hf",
+             "llama3-8b": "meta-llama/Meta-Llama-3-8B", "mistral-7b": "mistralai/Mistral-7B-Instruct-v0.2",
+             "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B", "smollm2-135m": "HuggingFaceTB/SmolLM2-135M",
+             "tinyllama-1.1b": "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"}
+
 _LLAMA = dict(model_type="llama", bias=False, tie_word_embeddings=False)
 PRESETS = {
     # The published GPT-2 shapes (Radford et al. 2019): context 1024, BPE vocabulary 50257.

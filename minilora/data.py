@@ -122,7 +122,7 @@ def tokenize_files(files, tokenizer, cache_dir=None):
     different tokenizer gets a new cache and a stale one is never read.
     """
     texts = []
-    h = hashlib.sha256(f"{CACHE_FORMAT}\0{tokenizer.name}\0".encode())
+    h = hashlib.sha256(f"{CACHE_FORMAT}\0{tokenizer.name}\0{tokenizer.add_bos}\0".encode())
     for f in files:
         text = _read(f)
         if not text.strip():
@@ -139,7 +139,7 @@ def tokenize_files(files, tokenizer, cache_dir=None):
             return tokens, h.hexdigest()
     arrays = []
     for text in texts:
-        arrays.append(np.asarray(tokenizer.encode(text), dtype=dtype))
+        arrays.append(np.asarray(tokenizer.encode_document(text), dtype=dtype))  # BOS first where the model expects it
         arrays.append(np.array([tokenizer.eot_token], dtype=dtype))
     with atomic_open(path, "wb") as f:
         f.write(np.concatenate(arrays).tobytes())
@@ -336,7 +336,7 @@ class _Fields:
 def tokenize_examples(path, tokenizer, block_size, fields, on_too_long="truncate", quiet=False):
     """Read a JSONL file into ([(ids, labels) int64 arrays], [(prompt, completion)]).
 
-    ids = prompt + completion + [eot]; labels = ids with the prompt positions set to -100, so a
+    ids = [bos] + prompt + completion + [eot] (bos where the tokenizer's model expects it); labels = ids with the prompt positions set to -100, so a
     row is x = ids[:-1], y = labels[1:].
     """
     examples, raw = [], []
@@ -344,7 +344,7 @@ def tokenize_examples(path, tokenizer, block_size, fields, on_too_long="truncate
     records = read_jsonl(path)
     for lineno, record in records:
         prompt, completion = fields(path, lineno, record)
-        p, c = tokenizer.encode(prompt), tokenizer.encode(completion)
+        p, c = tokenizer.encode_document(prompt), tokenizer.encode(completion)  # BOS first where the model expects it
         ids = p + c + [tokenizer.eot_token]
         if len(ids) < 2:
             raise DataError(f"{path}:{lineno}: empty example (no text to train on); remove the line")

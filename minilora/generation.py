@@ -133,7 +133,9 @@ class Completion:
     "length"). Feed it each sampled token with add()."""
 
     def __init__(self, *, max_tokens, eot_token=None, stop=(), tokenizer=None, ignore_eos=False):
-        self.max_tokens, self.eot, self.stop, self.tokenizer = max_tokens, eot_token, list(stop), tokenizer
+        self.max_tokens, self.stop, self.tokenizer = max_tokens, list(stop), tokenizer
+        # one id or several (Llama 3 ends a turn with <|eot_id|> and a text with <|end_of_text|>)
+        self.eot = frozenset([eot_token] if eot_token is None or isinstance(eot_token, int) else map(int, eot_token))
         self.ignore_eos = ignore_eos  # vLLM's extension: keep going past end of text (benchmarks)
         self.tokens = []        # kept tokens: no eot, nothing from a stop string on
         self.released = 0       # tokens[:released] can no longer change: safe to stream
@@ -144,7 +146,7 @@ class Completion:
     def add(self, token, *, at_limit=False):
         """Take one sampled token -> the tokens it releases. at_limit: the context is full."""
         self.sampled += 1
-        if token == self.eot and not self.ignore_eos:
+        if token in self.eot and not self.ignore_eos:
             self.finish_reason = "stop"
         else:
             self.tokens.append(token)
@@ -401,7 +403,7 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=N
     idx: a (B, T) LongTensor (with attention_mask (B, T), 1 = token, 0 = left padding, for prompts
     of different lengths) or a list of token-id lists of any lengths. temperature 0 is greedy;
     top_k / top_p filter before sampling; seed makes sampling reproducible (None: torch's global
-    RNG). A row stops at eot_token or at any of the stop strings (a str or list, decoded with
+    RNG). A row stops at eot_token (an id, or a list of ids such as tokenizer.eos_token_ids) or at any of the stop strings (a str or list, decoded with
     tokenizer), which are excluded from its output. Prompt + max_new_tokens must fit in the
     model's block_size. use_cache=False is the slow re-forward reference. autocast_dtype runs the
     forwards under torch.autocast. return_logits keeps each step's logits (for tests).

@@ -188,13 +188,13 @@ def read_checkpoint(path, config, expected, dtype=None, device=None):
 
     `expected` is the state dict of a model built from `config` (on the meta device: shapes only);
     every tensor is checked against it by name and shape before anything is used. dtype defaults to
-    float32 whatever the file stores (bf16 checkpoints stay bf16 when asked for, e.g. dtype="bfloat16");
-    device to "cpu". GPT.from_pretrained builds the model from these.
+    float32 whatever the file stores (training keeps fp32 master weights); "auto" keeps the file's
+    own (a bf16 checkpoint loads as bf16), or name one (torch.bfloat16, "bfloat16"). device: "cpu". GPT.from_pretrained builds the model from these.
     """
     tensors, where = _read_weights(path)
     sd = _check_gpt2(tensors, config, where) if config.family == "gpt2" else _check_family(tensors, config, expected, where)
-    dtype, device = _as_dtype(dtype or torch.float32), device or "cpu"
-    sd = {name: t.to(device=device, dtype=dtype).contiguous() for name, t in sd.items()}  # transposed views become dense
+    dtype, device = None if dtype == "auto" else _as_dtype(dtype or torch.float32), device or "cpu"
+    sd = {name: t.to(device=device, dtype=dtype or t.dtype).contiguous() for name, t in sd.items()}  # views become dense
     if config.tie_word_embeddings:
         sd["lm_head.weight"] = sd["transformer.wte.weight"]  # tied: one tensor under both names
     return sd
@@ -237,7 +237,7 @@ def write_checkpoint(config, state_dict, save_dir, max_shard_size="5GB"):
         hf_config = config_to_hf(config)
         tensors = {hf_name(config, k): t for k, t in sd.items()
                    if not (config.tie_word_embeddings and k == "lm_head.weight")}
-        if tokenizer_files:  # the copied files travel with it: the next load finds them in the directory
+        if any(f.endswith(os.sep + TOKENIZER_FILE) for f in tokenizer_files):  # copied: the next load finds it there
             hf_config["minilora"]["tokenizer"] = None
     hf_config["torch_dtype"] = str(sd["lm_head.weight"].dtype).removeprefix("torch.")
     with atomic_directory(save_dir) as tmp:

@@ -2,10 +2,11 @@
 
     scratch:PRESET, or a preset that is no hub name (tiny, small)   random weights of that shape
     scratch (train.py)                                                random weights of --model
-    a directory      an HF GPT-2 layout (config.json + model.safetensors), or a train.py output dir:
+    opt-350m, ...    a published model's shape (config.HUB_NAMES): --dry_run only; its weights come by hub name
+    a directory      an HF layout (config.json + weights; GPT-2, OPT, Llama, Mistral, Qwen2), or a train.py output dir:
                      minilora.json says "full" (an HF-layout model) or "lora" (an adapter whose
                      base_model names the base to load first)
-    gpt2, org/name   an HF GPT-2 checkpoint on the hub (downloaded once)
+    gpt2, org/name   an HF checkpoint on the hub (downloaded once)
 
     model, base_name = load_model("out/sql")              # base + the run's adapter
     model, _ = load_model("out/base", adapter="out/sql")  # what generate.py and merge.py run
@@ -21,7 +22,7 @@ import torch
 
 from minilora.adapter_files import CONFIG_NAME, load_adapter
 from minilora.adapters import set_adapter
-from minilora.config import PRESETS, GPTConfig
+from minilora.config import HUB_NAMES, PRESETS, GPTConfig
 from minilora.errors import MiniloraError
 from minilora.hub import CONFIG_FILE, read_config
 from minilora.model import GPT
@@ -93,6 +94,9 @@ def load_model(arg, *, adapter=None, preset="tiny", seed=None, dropout=None, tra
     if src.kind == "run" and os.path.realpath(arg) in _seen:
         raise MiniloraError(f"{arg}/{RUN_FILE} names a base that leads back to itself "
                             f"({' -> '.join(_seen)}); fix base_model there, or pass the base with --init_from")
+    if src.kind == "preset" and arg in HUB_NAMES:  # random weights where the user surely meant the real ones
+        raise MiniloraError(f"{arg} is the shape of {HUB_NAMES[arg]} (for --dry_run and parameter counts); pass "
+                            f"{HUB_NAMES[arg]} (or its directory) for its weights, or scratch:{arg} for random ones")
     if src.kind == "preset":
         config = GPTConfig.from_name(src.name, **({} if dropout is None else {"dropout": dropout}))
         if seed is None:

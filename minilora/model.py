@@ -344,7 +344,10 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_dir, *, dtype=None, device=None, dropout=None):
-        """An HF-format directory (GPT-2, OPT, Llama, Mistral, Qwen2), or a hub name downloaded once, in eval mode."""
+        """An HF-format directory (GPT-2, OPT, Llama, Mistral, Qwen2), or a hub name downloaded once, in eval mode.
+
+        dtype: None loads fp32 whatever the file holds; "auto" keeps the file's (bf16 stays bf16); or a dtype.
+        """
         path = resolve(name_or_dir)
         config = read_config(os.path.join(path, CONFIG_FILE), dropout)
         with torch.device("meta"):  # shapes only: no time spent on a random init we would overwrite

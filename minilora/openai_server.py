@@ -57,7 +57,7 @@ def _prompts(value, tokenizer):
     """OpenAI's prompt: a string, a list of strings, a list of token ids, or a list of such lists."""
     def ids(p):
         if isinstance(p, str):
-            return tokenizer.encode(p) or [tokenizer.eot_token]  # "" conditions on <|endoftext|>, as in OpenAI's API
+            return tokenizer.encode_document(p) or [tokenizer.eot_token]  # "" conditions on <|endoftext|>, as in OpenAI's API
         if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
             bad = [t for t in p if not 0 <= t < tokenizer.n_vocab]
             if bad:

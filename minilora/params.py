@@ -87,6 +87,15 @@ TABLE = [
     ("gpt3-175b", 8, ["q_proj", "v_proj"], "37.7M (LoRA paper, Table 4)"),
     ("gpt3-175b", 1, ["q_proj", "v_proj"], "4.7M (LoRA paper, Table 4)"),
     (LINEAR4096, 8, ["proj"], "65,536 vs 16,777,216: 256x fewer"),
+    # The guide's setting on its own model, then r=8 on q/v for today's open models: PEFT prints the same lines.
+    ("opt-350m", 16, ["q_proj", "v_proj"], "the guide's LoraConfig; PEFT: 1,572,864 / 332,769,280"),
+    ("opt-125m", 8, ["q_proj", "v_proj"], "PEFT: 294,912 / 125,534,208"),
+    ("llama2-7b", 8, ["q_proj", "v_proj"], "PEFT: 4,194,304 / 6,742,609,920"),
+    ("llama3-8b", 8, ["q_proj", "v_proj"], "PEFT: 3,407,872 / 8,033,669,120"),
+    ("mistral-7b", 8, ["q_proj", "v_proj"], "PEFT: 3,407,872 / 7,245,139,968"),
+    ("qwen2.5-0.5b", 8, ["q_proj", "v_proj"], "PEFT: 540,672 / 494,573,440"),
+    ("smollm2-135m", 8, ["q_proj", "v_proj"], "PEFT: 460,800 / 134,975,808"),
+    ("tinyllama-1.1b", 8, ["q_proj", "v_proj"], "PEFT: 1,126,400 / 1,101,174,784"),
 ]
 
 

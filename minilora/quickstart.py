@@ -4,6 +4,7 @@
     python -m minilora.quickstart --lora_r 0     # the same "sql" fine-tuning with every weight trained
     python -m minilora.quickstart --target_modules q_proj v_proj   # the LoRA paper's setting (see 2.)
     python -m minilora.quickstart --quick        # a few steps of everything (what CI runs)
+    python -m minilora.quickstart --arch llama   # the same with a Llama-shaped base (RoPE, RMSNorm, SwiGLU, GQA)
 
 1. Pretrain a tiny byte-level GPT from scratch on Python's own documentation (tasks.stdlib_corpus).
    It lands in out_dir/base and a later run with the same settings reuses it.
@@ -72,8 +73,11 @@ class Args:
                                                     "setting), or all-linear")
     tasks: list[str] = opt([], f"tasks to fine-tune ({', '.join(TASKS)}); default: sql and dates, or sql alone "
                                "with --lora_r 0")
+    arch: str = opt("gpt2", "base architecture: gpt2 (learned positions, LayerNorm, GELU) or llama (rotary "
+                            "positions, RMSNorm, SwiGLU, grouped-query attention); llama defaults to "
+                            "--model small-llama and --out_dir out/quickstart-llama")
     # ---- pretraining (the cached base) ----
-    model: str = opt("small", "preset of the base model (byte-level presets: tiny, small)")
+    model: str = opt("small", "preset of the base model (byte-level presets: tiny, small, tiny-llama, small-llama)")
     corpus_chars: int = opt(0, "characters of the stdlib corpus to pretrain on (0 = all, ~1 MB)")
     pretrain_iters: int = opt(600, "pretraining optimizer steps")
     pretrain_batch_size: int = opt(32, "pretraining rows per step")
@@ -91,6 +95,11 @@ class Args:
     seed: int = opt(1337, "seed for data generation, initialisation and batches")
 
     def __post_init__(self):
+        if self.arch not in ("gpt2", "llama"):
+            raise MiniloraError(f"--arch must be gpt2 or llama, got {self.arch!r}")
+        if self.arch == "llama":  # its own base and out_dir: a GPT-2 base already pretrained is kept
+            self.model = "small-llama" if self.model == "small" else self.model
+            self.out_dir = "out/quickstart-llama" if self.out_dir == "out/quickstart" else self.out_dir
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
             raise MiniloraError(f"unknown task(s) {unknown}; known tasks: {', '.join(TASKS)}")

@@ -213,7 +213,7 @@ class Engine:
 
     def _prefill(self, seq):
         p, dev, s = len(seq.prompt), self.device, seq.request.sampling
-        seq.completion = Completion(max_tokens=s.max_tokens, eot_token=self.tokenizer.eot_token, stop=s.stop,
+        seq.completion = Completion(max_tokens=s.max_tokens, eot_token=self.tokenizer.eos_token_ids, stop=s.stop,
                                     tokenizer=self.tokenizer, ignore_eos=s.ignore_eos)
         if s.seed is not None:  # seed + index: the n choices of a prompt differ, each reproducible on its own
             seq.generator = torch.Generator(dev).manual_seed(s.seed + seq.index)

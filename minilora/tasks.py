@@ -190,14 +190,14 @@ def write_jsonl(examples, path):
 
 def greedy_completions(model, tokenizer, prompts, max_new_tokens=64, batch_size=32):
     """Greedy continuation of each prompt, up to its end-of-text token (or max_new_tokens)."""
-    encoded = [tokenizer.encode(p) for p in prompts]
+    encoded = [tokenizer.encode_document(p) for p in prompts]  # as in training: BOS first where expected
     # Batch prompts of similar length together so little compute goes to left padding.
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     outputs = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         out = generate(model, [encoded[i] for i in chunk], max_new_tokens, temperature=0.0,
-                       eot_token=tokenizer.eot_token)
+                       eot_token=tokenizer.eos_token_ids)
         for i, tokens in zip(chunk, out.tokens):  # tokens stop before the eot
             outputs[i] = tokenizer.decode(tokens)
     return outputs

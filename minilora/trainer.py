@@ -51,7 +51,7 @@ from minilora.tokenizer import get_tokenizer
 class TrainConfig:
     """Fine-tune the GPT with LoRA (or in full), or pretrain it from scratch."""
     # ---- model and output ----
-    init_from: str = opt("scratch", "'scratch' (a --model preset), an HF GPT-2 name or dir, or a minilora output dir")
+    init_from: str = opt("scratch", "'scratch' (a --model preset), an HF model name or dir (GPT-2, OPT, Llama, Mistral, Qwen2), or a minilora output dir")
     model: str = opt("tiny", f"preset for --init_from scratch: {', '.join(PRESETS)}")
     out_dir: str = opt("out", "where the adapter (or full model), minilora.json, log.jsonl and checkpoint/ go")
     resume: bool = opt(False, "continue exactly from out_dir/checkpoint (weights, optimizer, RNG, data position)")

@@ -478,6 +478,9 @@ def _to_hf_gpt2(model, adapter_name, config, tensors, peft):
     layers are zero-padded to rank n*r (same B A), and lora_alpha becomes alpha*n (alpha*sqrt(n)
     with rslora) so the scaling, alpha/r, is unchanged.
     """
+    if model.config.family != "gpt2":
+        raise MiniloraError(f"format {HF_GPT2!r} is for GPT-2 models; on this {model.config.model_type} model the "
+                            "default format 'peft' already uses the HF module names PEFT and vLLM load")
     if config.bias != "none":
         raise MiniloraError(f"cannot export bias={config.bias!r} to HF GPT-2 (c_attn's bias is fused); use bias='none'")
     blocks = {}

@@ -91,11 +91,10 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def norm(config, dim=None):
-    dim = dim or config.n_embd
+def norm(config):
     if config.family == "llama":
-        return RMSNorm(dim, config.layer_norm_epsilon)
-    return nn.LayerNorm(dim, eps=config.layer_norm_epsilon, bias=config.bias)
+        return RMSNorm(config.n_embd, config.layer_norm_epsilon)
+    return nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
 
 
 def rope_frequencies(config, device=None):

@@ -13,6 +13,7 @@ import pytest
 import tiktoken
 
 from minilora import tokenizer as tk
+from minilora import tokenizer_json as tjson
 from minilora.errors import MiniloraError
 from minilora.tokenizer import get_tokenizer
 
@@ -175,7 +176,7 @@ def bpe_parts(ranks, token, max_rank):
 def gpt2_style_json(ranks, pre_tokenizer=None, ignore_merges=False, all_splits=False):
     """A GPT-2 layout tokenizer.json from tiktoken ranks: vocab in GPT-2's byte spelling, merges rebuilt
     as GPT-2's file has them (one per token) or, all_splits, as Llama 3's (every split into two tokens)."""
-    spell = lambda b: "".join(tk.BYTE_TO_CHAR[x] for x in b)  # noqa: E731
+    spell = lambda b: "".join(tjson.BYTE_TO_CHAR[x] for x in b)  # noqa: E731
     vocab = {spell(b): r for b, r in ranks.items()}
     merges = []
     for b, r in sorted(ranks.items(), key=lambda kv: kv[1]):
@@ -221,7 +222,7 @@ def test_fixture_parity_with_tokenizers_library(kind):
 def test_sentencepiece_whole_text_merge_matches_cached_words():
     """split=false makes the whole input one word; the per-word cut (and cache) must not change ids."""
     tok = get_tokenizer(str(FIXTURES / "sentencepiece"))
-    whole = tk._SentencePieceBPE(load_fixture("sentencepiece"), "fixture")
+    whole = tjson._SentencePieceBPE(load_fixture("sentencepiece"), "fixture")
     assert tok._model.safe
     whole.safe = False
     expected = json.loads((FIXTURES / "sentencepiece" / "expected.json").read_text(encoding="utf-8"))
@@ -303,7 +304,7 @@ def test_llama3_split_layout_and_ignore_merges(tmp_path, small_ranks):
     """Sequence[Split(Regex), ByteLevel(use_regex=false)] (Llama 3, Qwen2), with either ignore_merges."""
     ref = tiktoken.Encoding("ref", pat_str=tk.GPT2_PAT_STR, mergeable_ranks=small_ranks, special_tokens={})
     pre = {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": tk.HF_GPT2_PAT}, "behavior": "Isolated", "invert": False},
+        {"type": "Split", "pattern": {"Regex": tjson.HF_GPT2_PAT}, "behavior": "Isolated", "invert": False},
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
     for ignore, all_splits in ((False, False), (True, False), (True, True)):
         tj = gpt2_style_json(small_ranks, pre, ignore, all_splits)
@@ -363,7 +364,7 @@ def test_digits_then_bytelevel_layout(tmp_path, small_ranks, individual):
 
 def test_ignore_merges_false_never_shortcuts_an_unmergeable_token(tmp_path):
     """A token its own bytes cannot be merged into: whole with ignore_merges, in pieces without."""
-    vocab = {tk.BYTE_TO_CHAR[b]: b for b in range(256)}
+    vocab = {tjson.BYTE_TO_CHAR[b]: b for b in range(256)}
     vocab.update({"bc": 256, "ab": 257, "cd": 258, "abcd": 259})
     merges = [["b", "c"], ["a", "b"], ["c", "d"], ["ab", "cd"]]  # "b c" comes first, so "abcd" -> a bc d
     for ignore, want in ((False, [97, 256, 100]), (True, [259])):

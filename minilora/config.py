@@ -99,17 +99,19 @@ class GPTConfig:
         return dataclasses.asdict(self)
 
 
-def check_rope_scaling(scaling):
-    """Only Llama 3.x's frequency-dependent scaling is implemented; anything else would silently differ."""
+def check_rope_scaling(scaling, name="rope_scaling"):
+    """Only Llama 3.x's frequency-dependent scaling is implemented; anything else would silently differ.
+
+    `name`: the config.json field it came from (transformers 5 writes "rope_parameters")."""
     kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else None
     if kind == "default":
         return
     if kind != "llama3":
-        raise MiniloraError(f"rope_scaling {scaling!r:.80} is not supported; minilora implements rope_type 'llama3' only")
+        raise MiniloraError(f"{name} {scaling!r:.80} is not supported; minilora implements rope_type 'llama3' only")
     bad = [k for k in ROPE_SCALING_KEYS if isinstance(scaling.get(k), bool) or not isinstance(scaling.get(k), (int, float))
            or scaling[k] <= 0]
     if bad or scaling["low_freq_factor"] >= scaling["high_freq_factor"]:
-        raise MiniloraError(f"rope_scaling of type llama3 needs positive numbers {', '.join(ROPE_SCALING_KEYS)} "
+        raise MiniloraError(f"{name} of type llama3 needs positive numbers {', '.join(ROPE_SCALING_KEYS)} "
                             f"with low_freq_factor < high_freq_factor, got {scaling!r:.120}")
 
 

@@ -139,16 +139,18 @@ def _gpt2_config(d, where, extra):
 
 
 def _opt_config(d, where, extra):
+    pre_norm = field(d, "do_layer_norm_before", (bool,), where, True)
+    # transformers drops the final norm when either is set; post-LN OPT has none to drop, so only pre-LN differs
     _refuse(d, where, "OPT", [("activation_function", ("relu",)), ("enable_bias", (True,)),
-                              ("layer_norm_elementwise_affine", (True,)), ("_remove_final_layer_norm", (False,)),
+                              ("layer_norm_elementwise_affine", (True,)),
+                              ("_remove_final_layer_norm", (False,) if pre_norm else (False, True)),
                               ("tie_word_embeddings", (True,))])
     C = field(d, "hidden_size", (int,), where)
     return GPTConfig(
         model_type="opt", vocab_size=field(d, "vocab_size", (int,), where), n_embd=C,
         n_layer=field(d, "num_hidden_layers", (int,), where), n_head=field(d, "num_attention_heads", (int,), where),
         intermediate_size=field(d, "ffn_dim", (int,), where), block_size=field(d, "max_position_embeddings", (int,), where),
-        pre_norm=field(d, "do_layer_norm_before", (bool,), where, True),
-        word_embed_proj_dim=field(d, "word_embed_proj_dim", (int, None), where, None), **extra)
+        pre_norm=pre_norm, word_embed_proj_dim=field(d, "word_embed_proj_dim", (int, None), where, None), **extra)
 
 
 def _llama_config(d, where, extra):
@@ -161,11 +163,12 @@ def _llama_config(d, where, extra):
         raise MiniloraError(f"{where}: sliding_window {window} is shorter than the context ({block_size}); "
                             "minilora attends to the whole context and does not implement sliding windows")
     # transformers 5 nests the rotary settings under rope_parameters; earlier files have rope_theta + rope_scaling.
-    rope = field(d, "rope_parameters", (dict, None), where, None) or field(d, "rope_scaling", (dict, None), where, None) or {}
+    rope_key = "rope_parameters" if field(d, "rope_parameters", (dict, None), where, None) else "rope_scaling"
+    rope = field(d, rope_key, (dict, None), where, None) or {}
     theta = field(rope, "rope_theta", (int, float), where, None) or field(d, "rope_theta", (int, float), where, 10000.0)
     scaling = {k: v for k, v in rope.items() if k != "rope_theta"} or None
     if scaling is not None:
-        check_rope_scaling(scaling)
+        check_rope_scaling(scaling, rope_key)  # the error names the field the file has
         if scaling.get("rope_type", scaling.get("type")) == "default":
             scaling = None
     extra["bias"] = False

@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-from minilora import GPTConfig, MiniloraError
-from minilora import LoraConfig
+from minilora import GPT, GPTConfig, MiniloraError
+from minilora import LoraConfig, apply_lora, print_trainable_parameters
 from minilora.params import build_meta_model, format_table, main, parameter_report
 
 QV = ["q_proj", "v_proj"]
@@ -72,3 +72,27 @@ def test_cli_bad_input_is_one_line_and_exit_2():
 def test_meta_models_hold_no_storage():
     assert all(p.is_meta for p in build_meta_model("gpt2").parameters())
     assert torch.device("meta") == next(build_meta_model("linear4096").parameters()).device
+
+
+# PEFT's print_trainable_parameters on the HF models (LoraConfig(r, target_modules=["q_proj", "v_proj"])).
+PEFT_LINES = {
+    ("opt-350m", 16): "trainable params: 1,572,864 || all params: 332,769,280 || trainable%: 0.4727",
+    ("opt-125m", 8): "trainable params: 294,912 || all params: 125,534,208 || trainable%: 0.2349",
+    ("llama2-7b", 8): "trainable params: 4,194,304 || all params: 6,742,609,920 || trainable%: 0.0622",
+    ("llama3-8b", 8): "trainable params: 3,407,872 || all params: 8,033,669,120 || trainable%: 0.0424",
+    ("mistral-7b", 8): "trainable params: 3,407,872 || all params: 7,245,139,968 || trainable%: 0.0470",
+    ("qwen2.5-0.5b", 8): "trainable params: 540,672 || all params: 494,573,440 || trainable%: 0.1093",
+    ("smollm2-135m", 8): "trainable params: 460,800 || all params: 134,975,808 || trainable%: 0.3414",
+    ("tinyllama-1.1b", 8): "trainable params: 1,126,400 || all params: 1,101,174,784 || trainable%: 0.1023",
+}
+
+
+@pytest.mark.parametrize("name,r", PEFT_LINES)
+def test_family_presets_print_pefts_exact_line(name, r, capsys):
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_name(name))
+    apply_lora(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=QV))
+    trainable, total = print_trainable_parameters(model)
+    assert capsys.readouterr().out == PEFT_LINES[name, r] + "\n"
+    assert all(p.is_meta for p in model.parameters())
+    assert parameter_report(name, LoraConfig(r=r, target_modules=QV))["total"] == total  # the CLI's figure too

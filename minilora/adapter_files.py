@@ -379,9 +379,14 @@ _MODULES_TO_SAVE = {"wte": "embed_tokens"}  # leaf names that differ (lm_head is
 
 def _to_family(config, tensors, peft):
     """Our keys and names -> the HF model's (model.layers.N.self_attn.q_proj, embed_tokens, ...)."""
+    paths = _lora_paths(tensors)
     tensors = {PREFIX + hf_name(config, k[len(PREFIX):]): t for k, t in tensors.items()}
-    if peft["target_modules"] is not None and not isinstance(peft["target_modules"], str):
-        peft["target_modules"] = [hf_name(config, m) for m in peft["target_modules"]]
+    targets = peft["target_modules"]
+    if targets == "all-linear":  # written out, as PEFT saves it: loaders that only read lists (vLLM) see the names
+        targets = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    elif isinstance(targets, str):  # a regex over our names means nothing on the HF model's: name each module
+        targets = [hf_name(config, p) for p in paths]
+    peft["target_modules"] = [hf_name(config, m) for m in targets]
     if peft["modules_to_save"]:
         peft["modules_to_save"] = [_MODULES_TO_SAVE.get(m, hf_name(config, m)) for m in peft["modules_to_save"]]
     peft["layers_pattern"] = None

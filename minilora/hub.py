@@ -183,15 +183,26 @@ def _as_dtype(dtype):
     return dtype
 
 
-def read_checkpoint(path, config, expected, dtype=None, device=None):
-    """The weights of HF-format directory `path` (config from read_config) -> our state dict.
+def read_weights(path, config):
+    """The weight tensors of HF-format directory `path` (memory-mapped, not yet checked) and their file.
 
-    `expected` is the state dict of a model built from `config` (on the meta device: shapes only);
-    every tensor is checked against it by name and shape before anything is used. dtype defaults to
-    float32 whatever the file stores (training keeps fp32 master weights); "auto" keeps the file's
-    own (a bf16 checkpoint loads as bf16), or name one (torch.bfloat16, "bfloat16"). device: "cpu". GPT.from_pretrained builds the model from these.
+    Refuses a config.json with more blocks than the file has tensors before anything is built from it.
     """
     tensors, where = _read_weights(path)
+    if config.n_layer > len(tensors):  # every block has tensors; a config.json saying 10**9 must not build them all
+        raise MiniloraError(f"{where} holds {len(tensors)} tensors, too few for its config's n_layer={config.n_layer}; "
+                            "config.json does not belong to these weights")
+    return tensors, where
+
+
+def read_checkpoint(tensors, where, config, expected, dtype=None, device=None):
+    """read_weights' tensors -> our state dict, every name and shape checked first.
+
+    `expected` is the state dict of a model built from `config` (on the meta device: shapes only).
+    dtype defaults to float32 whatever the file stores (training keeps fp32 master weights); "auto"
+    keeps the file's own (a bf16 checkpoint loads as bf16), or name one (torch.bfloat16,
+    "bfloat16"). device: "cpu" by default. GPT.from_pretrained builds the model from these.
+    """
     sd = _check_gpt2(tensors, config, where) if config.family == "gpt2" else _check_family(tensors, config, expected, where)
     dtype, device = None if dtype == "auto" else _as_dtype(dtype or torch.float32), device or "cpu"
     sd = {name: t.to(device=device, dtype=dtype or t.dtype).contiguous() for name, t in sd.items()}  # views become dense

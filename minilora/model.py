@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from minilora.config import GPTConfig
 from minilora.errors import MiniloraError
-from minilora.hub import CONFIG_FILE, read_checkpoint, read_config, resolve, write_checkpoint
+from minilora.hub import CONFIG_FILE, read_checkpoint, read_config, read_weights, resolve, write_checkpoint
 from minilora.ops import Linear, LinearCrossEntropy
 
 
@@ -349,9 +349,14 @@ class GPT(nn.Module):
         """
         path = resolve(name_or_dir)
         config = read_config(os.path.join(path, CONFIG_FILE), dropout)
-        with torch.device("meta"):  # shapes only: no time spent on a random init we would overwrite
-            model = cls(config)
-        state_dict = read_checkpoint(path, config, model.state_dict(), dtype=dtype, device=device)
+        tensors, where = read_weights(path, config)
+        try:
+            with torch.device("meta"):  # shapes only: no time spent on a random init we would overwrite
+                model = cls(config)
+        except (RuntimeError, TypeError, ValueError, OverflowError) as e:  # sizes past int64: no real checkpoint
+            raise MiniloraError(f"{where}: its config.json describes a model that cannot be built ({str(e)[:80]}); "
+                                "config.json does not belong to these weights") from None
+        state_dict = read_checkpoint(tensors, where, config, model.state_dict(), dtype=dtype, device=device)
         model.load_state_dict(state_dict, strict=True, assign=True)
         if config.tie_word_embeddings:  # assign=True gave wte and lm_head a Parameter each: re-tie
             model.transformer.wte.weight = model.lm_head.weight

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minilora import GPT, GPTConfig, MiniloraError
-from minilora.hub import read_checkpoint, write_checkpoint
+from minilora.hub import TOKENIZER_FILES, write_checkpoint
 from minilora.safetensors import load_file, load_sharded, read_header, save_file, save_sharded
 
 CFG = dict(n_layer=2, n_head=2, n_embd=8, n_positions=16, vocab_size=29)
@@ -314,7 +314,7 @@ def cache_files(tmp_path):
     return sorted(str(p.relative_to(tmp_path / "cache")) for p in (tmp_path / "cache").rglob("*") if p.is_file())
 
 
-OPTIONAL = ("generation_config.json", "tokenizer.json", "tokenizer_config.json")  # 404 is fine for these
+OPTIONAL = TOKENIZER_FILES  # fetched when the hub has them; 404 is fine
 
 
 class FakeTTY(io.StringIO):
@@ -335,7 +335,7 @@ def test_download_then_reuse_cache(tmp_path, hub, monkeypatch):
     assert stderr.getvalue().endswith(f"\rdownloading model.safetensors: {size / 1e6:.1f}/{size / 1e6:.1f} MB\n")
     torch.testing.assert_close(model(IDX, all_logits=True)[0].double(), reference_logits(t, IDX), atol=1e-5, rtol=1e-5)
     again = GPT.from_pretrained("tiny-test/model")
-    assert len(requests) == 5  # served from the cache: no request at all, not even for the files the hub lacks
+    assert len(requests) == 2 + len(OPTIONAL)  # served from the cache: no request at all, not even for the files the hub lacks
     assert torch.equal(again.transformer.wte.weight, model.transformer.wte.weight)
 
 
@@ -384,14 +384,13 @@ def test_sharded_checkpoint_loads_the_same_state_dict(tmp_path):
     written = save_sharded(tensors, tmp_path / "many", sum(t.nbytes for t in tensors.values()) // 3,
                            metadata={"format": "pt"})
     assert len(written) >= 4 and written[-1].endswith("model.safetensors.index.json")  # 3+ shards and the index
-    config, sd = read_checkpoint(tmp_path / "many")
-    want_config, want = read_checkpoint(tmp_path / "one")
-    assert config == want_config == model.config and sd.keys() == want.keys() == model.state_dict().keys()
+    sd, want = GPT.from_pretrained(tmp_path / "many").state_dict(), GPT.from_pretrained(tmp_path / "one").state_dict()
+    assert sd.keys() == want.keys() == model.state_dict().keys()
     for k, v in model.state_dict().items():
         assert torch.equal(sd[k], v) and torch.equal(want[k], v), k
     (tmp_path / "many" / written[0]).unlink()  # a shard gone: named, not a confusing "missing tensors"
     with pytest.raises(MiniloraError, match=r"shard file.s. missing from .*many: model-00001-of-0000\d.safetensors"):
-        read_checkpoint(tmp_path / "many")
+        GPT.from_pretrained(tmp_path / "many")
 
 
 def test_download_sharded_model(tmp_path, hub):

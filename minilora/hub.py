@@ -94,28 +94,45 @@ def _misshaped(key, t, shape):
     return f"{key} {list(t.shape)} {str(t.dtype).removeprefix('torch.')} (expected {list(shape)} float)"
 
 
-def _check_gpt2(tensors, config, where):
-    """File tensors -> {unprefixed name: tensor}, or one error naming every missing/unexpected/mis-shaped one."""
-    expected = gpt2_shapes(config)
-    prefix = "transformer." if any(k.startswith("transformer.") for k in tensors) else ""
+def _match(tensors, want, canonical, where, config, shown=str):
+    """File tensors -> ({our name: tensor}, the file's lm_head.weight if `want` lacks it: a tied head).
+
+    want: {canonical file name: (our name, shape)}; canonical(key) names a file key that way, or
+    None for a buffer to skip. One error names every missing, unexpected and mis-shaped tensor
+    (missing ones as shown(name)).
+    """
     found, seen, unexpected, misshaped, head = {}, {}, [], [], None
     for key, t in tensors.items():
-        name = key.removeprefix("transformer.")  # GPT2Model checkpoints (the hub's gpt2) have no prefix
-        if _BUFFER.fullmatch(name):
+        name = canonical(key)
+        if name is None:
             continue
-        if name == "lm_head.weight":
+        if name == "lm_head.weight" and name not in want:
             head = t
-        elif name not in expected:
+        elif name not in want:
             unexpected.append(key)
         elif name in seen:
             unexpected.append(f"{key} (duplicate of {seen[name]})")
         else:
             seen[name] = key
-            if tuple(t.shape) == expected[name] and t.is_floating_point():
-                found[name] = t
+            ours, shape = want[name]
+            if tuple(t.shape) == shape and t.is_floating_point():
+                found[ours] = t
             else:
-                misshaped.append(_misshaped(key, t, expected[name]))
-    _problems(where, config, [prefix + name for name in expected if name not in seen], unexpected, misshaped)
+                misshaped.append(_misshaped(key, t, shape))
+    _problems(where, config, [shown(name) for name in want if name not in seen], unexpected, misshaped)
+    return found, head
+
+
+def _check_gpt2(tensors, config, where):
+    """HF GPT-2 file tensors -> our state dict (c_attn split, Conv1D transposed), every tensor checked."""
+    want = {name: (name, shape) for name, shape in gpt2_shapes(config).items()}
+    prefix = "transformer." if any(k.startswith("transformer.") for k in tensors) else ""
+
+    def canonical(key):  # GPT2Model checkpoints (the hub's gpt2) have no "transformer." prefix
+        name = key.removeprefix("transformer.")
+        return None if _BUFFER.fullmatch(name) else name
+
+    found, head = _match(tensors, want, canonical, where, config, lambda name: prefix + name)
     if head is not None and not (head.shape == found["wte.weight"].shape and torch.equal(head, found["wte.weight"])):
         raise MiniloraError(f"{where}: lm_head.weight differs from wte.weight; minilora ties them "
                             "(GPT-2 does too), so an untied head cannot be loaded")
@@ -126,25 +143,11 @@ def _check_family(tensors, config, expected, where):
     """OPT / Llama-family file tensors -> our names; `expected` is a model's state dict (shapes only)."""
     tied = config.tie_word_embeddings
     want = {hf_name(config, k): (k, tuple(v.shape)) for k, v in expected.items() if not (tied and k == "lm_head.weight")}
-    found, seen, unexpected, misshaped, head = {}, {}, [], [], None
-    for key, t in tensors.items():
-        theirs = hf_name(config, our_name(config, key))  # facebook/opt-* files lack the "model." prefix
-        if theirs.endswith("rotary_emb.inv_freq"):
-            continue  # a buffer older Llama files carry; we compute the frequencies from rope_theta
-        if tied and theirs == "lm_head.weight":
-            head = t
-        elif theirs not in want:
-            unexpected.append(key)
-        elif theirs in seen:
-            unexpected.append(f"{key} (duplicate of {seen[theirs]})")
-        else:
-            seen[theirs] = key
-            ours, shape = want[theirs]
-            if tuple(t.shape) == shape and t.is_floating_point():
-                found[ours] = t
-            else:
-                misshaped.append(_misshaped(key, t, shape))
-    _problems(where, config, [name for name in want if name not in seen], unexpected, misshaped)
+
+    def canonical(key):  # facebook/opt-* files lack the "model." prefix; older Llama files carry a rotary buffer
+        return None if key.endswith("rotary_emb.inv_freq") else hf_name(config, our_name(config, key))
+
+    found, head = _match(tensors, want, canonical, where, config)
     if head is not None and not torch.equal(head, found["transformer.wte.weight"]):
         raise MiniloraError(f"{where}: lm_head.weight differs from the token embedding but config.json says "
                             "tie_word_embeddings true; fix config.json")

@@ -431,7 +431,8 @@ def main():
     out = dict(mode=mode, machine=dict(cpu=cpu_name(), cpu_flags=cpu_flags(), cores=os.cpu_count(), torch=torch.__version__,
                                        threads=torch.get_num_threads(), python=platform.python_version()),
                ceilings=res["ceilings"], bf16=res["bf16"], rows=rows, ratios=ratios, raw=res,
-               skipped_rows=[f"train_{kind}_bf16" for kind in ("lora", "full") if f"train_{kind}_bf16" not in res],
+               skipped_rows=[name for name in [f"train_{kind}_bf16" for kind in ("lora", "full")]
+                             + [f"family_{shape[0]}_bf16" for shape in MODES[mode]["families"][0]] if name not in res],
                flop_counting="MFU counts per token 6*N FLOPs for full fine-tuning and 4*N for LoRA (N = matmul "
                              "weights incl. the head), plus 12*L*T*C for attention, over the matmul peak measured in the same process")
     print(format_table(mode, out), file=sys.stderr if args.json == "-" else sys.stdout)

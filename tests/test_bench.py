@@ -31,7 +31,9 @@ def test_bench_smoke_emits_json_with_every_row(tmp_path):
                  "decode_bf16", "prefill_unmerged", "prefill_merged"}
     expected |= {"serving_mixed", "serving_merged_one_by_one", "serving_base_batch", "server_concurrent",
                  "server_sequential"}
-    assert result["skipped_rows"] == ([] if result["bf16"]["native"] else ["train_lora_bf16", "train_full_bf16"])
+    expected |= {f"family_{name}_{dtype}" for name in ("tiny", "tiny-llama") for dtype in ("fp32", "bf16")}
+    assert result["skipped_rows"] == ([] if result["bf16"]["native"] else
+                                      ["train_lora_bf16", "train_full_bf16", "family_tiny_bf16", "family_tiny-llama_bf16"])
     expected -= set(result["skipped_rows"])  # a CPU without native bf16 skips those (see the next test)
     assert expected <= set(rows), sorted(expected - set(rows))
     for r in result["rows"]:
@@ -66,7 +68,7 @@ def test_bench_without_native_bf16_skips_the_bf16_training_rows_with_the_reason(
     assert "skipping the bf16 training rows" in proc.stderr and "train lora bf16" not in proc.stderr  # never ran
     result = json.loads(out.read_text())
     assert result["bf16"]["native"] is False and result["bf16"]["forced"] is True
-    assert result["skipped_rows"] == ["train_lora_bf16", "train_full_bf16"]
+    assert result["skipped_rows"] == ["train_lora_bf16", "train_full_bf16", "family_tiny_bf16", "family_tiny-llama_bf16"]
     rows = {r["name"] for r in result["rows"]}
     assert {"train_lora_fp32", "train_full_fp32", "decode_bf16"} <= rows and not rows & set(result["skipped_rows"])
     skipped = {r["name"] for r in result["ratios"] if r["value"] is None}
@@ -90,6 +92,6 @@ def test_bench_quick_mode_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert result["mode"] == "quick"
-    assert len(result["rows"]) + len(result["skipped_rows"]) == 18
+    assert len(result["rows"]) + len(result["skipped_rows"]) == 22  # 18 + the LoRA step of 2 families x 2 dtypes
     assert all(math.isfinite(r["value"]) and r["value"] > 0 for r in result["rows"])
     assert len({r["name"] for r in result["ratios"]}) == 13  # every target of the bench and generation issues

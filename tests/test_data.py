@@ -67,10 +67,12 @@ def test_token_cache_created_then_reused(corpus, tmp_path, monkeypatch):
 
 
 class BigVocab:
-    name, n_vocab, eot_token = "big", 100_000, 99_999
+    name, n_vocab, eot_token, add_bos = "big", 100_000, 99_999, False
 
     def encode(self, text):
         return [70_000 + ord(ch) for ch in text]
+
+    encode_document = encode
 
 
 def test_token_dtype_uint16_or_uint32(tmp_path):

@@ -74,14 +74,18 @@ _REQUIRED = object()
 
 
 def field(d, key, types, where, default=_REQUIRED):
-    """d[key] checked against `types`; a missing or mistyped field is named in a one-line error."""
-    if key not in d or (d[key] is None and default is not _REQUIRED and None not in types):
-        if default is _REQUIRED:
-            raise MiniloraError(f"{where}: missing field {key!r}")
+    """d[key] checked against `types` (None in types: JSON null allowed); absent or null -> `default`.
+
+    A missing or mistyped field is named in a one-line error.
+    """
+    value = d.get(key)
+    if value is None and default is not _REQUIRED and (key not in d or None not in types):
         return default
-    value = d[key]
-    if not isinstance(value, tuple(t for t in types if t is not None)) and not (value is None and None in types) \
-            or (isinstance(value, bool) and bool not in types):  # JSON true is no int
+    if key not in d:
+        raise MiniloraError(f"{where}: missing field {key!r}")
+    allowed = tuple(t for t in types if t is not None)
+    if not (value is None and None in types) and (not isinstance(value, allowed) or (
+            isinstance(value, bool) and bool not in types)):  # JSON true is no int
         names = " or ".join("null" if t is None else t.__name__ for t in types)
         raise MiniloraError(f"{where}: field {key!r} must be {names}, got {value!r:.60}")
     return value

@@ -41,7 +41,9 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
 
-    def body(self):
+    def body(self, tgi=False):
+        if tgi:  # TGI's shape: {"error": message, "error_type": ...}; its validation errors are 422
+            return {"error": self.message, "error_type": "validation" if self.status < 500 else "generation"}
         kind = "invalid_request_error" if self.status < 500 else "server_error"
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
@@ -186,6 +188,36 @@ def parse_chat(body, engine, base_name, template):
     return request, stream
 
 
+# ---- TGI's surface (text-generation-inference): the same engine and batches, TGI's bodies and shapes ----------
+
+TGI_FINISH = {"length": "length", "stop": "eos_token"}  # a stop string's "stop" is TGI's "stop_sequence"
+
+
+def parse_tgi(body, engine, base_name):
+    """A TGI /generate body {"inputs", "parameters": {adapter_id, max_new_tokens, ...}} -> (Request, details?)."""
+    if not isinstance(body, dict) or not isinstance(body.get("inputs"), str) or not body["inputs"]:
+        raise ApiError(422, "'inputs' must be a non-empty string", "validation", "inputs")
+    params = body.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ApiError(422, "'parameters' must be an object", "validation", "parameters")
+    for key in ("repetition_penalty", "top_k", "typical_p", "truncate", "watermark", "grammar", "best_of"):
+        if params.get(key) not in (None, False):
+            raise ApiError(422, f"'{key}' is not supported by this server; leave it out", "validation", key)
+    adapter = params.get("adapter_id")
+    sampled = _flag(params, "do_sample")
+    openai = {"model": base_name if adapter is None else adapter, "stop": params.get("stop") or None,
+              "seed": params.get("seed"), "top_p": params.get("top_p"),
+              "temperature": (params.get("temperature") or 1.0) if sampled else 0,  # do_sample false: greedy, as TGI
+              "frequency_penalty": params.get("frequency_penalty")}
+    model = _model(openai, engine, base_name)
+    max_new = _number(params, "max_new_tokens", 100, 1, engine.max_model_len, integer=True)
+    prompt = engine.tokenizer.encode_document(body["inputs"])
+    request = _request(openai, engine, model, base_name, [prompt], _sampling(openai, engine, max_new, logprobs=0), 1,
+                       "max_new_tokens")
+    request.full_text = body["inputs"] if _flag(params, "return_full_text") else ""
+    return request, _flag(params, "details")
+
+
 class App:
     """What the handler needs: the engine, names, and the runtime-updating policy."""
 
@@ -314,7 +346,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         app = self.server.app
-        routes = {"/v1/completions": self._completions, "/v1/chat/completions": self._chat}
+        routes = {"/v1/completions": self._completions, "/v1/chat/completions": self._chat,
+                  "/generate": lambda: self._tgi(False), "/generate_stream": lambda: self._tgi(True)}
         if app.runtime_updates:
             routes.update({"/v1/load_lora_adapter": lambda: app.load(self._json()),
                            "/v1/unload_lora_adapter": lambda: app.unload(self._json())})
@@ -335,7 +368,8 @@ class Handler(BaseHTTPRequestHandler):
             if out is not None:
                 self._send(200, out)
         except ApiError as e:
-            self._send(e.status, e.body())
+            tgi = path in ("/generate", "/generate_stream")
+            self._send(422 if tgi and e.status == 400 else e.status, e.body(tgi))
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             pass  # the client went away (the finally in _completions has freed its rows)
         except Exception as e:  # a bug in one request must not take the server down
@@ -380,6 +414,70 @@ class Handler(BaseHTTPRequestHandler):
         request, stream = parse_chat(body, app.engine, app.base_name, app.template(model))
         request.chat = True
         return self._run(request, stream)
+
+    def _tgi(self, stream):
+        app = self.server.app
+        request, details = parse_tgi(self._json(), app.engine, app.base_name)
+        app.engine.submit(request)
+        try:
+            return self._tgi_stream(request) if stream else self._tgi_collect(request, details)
+        finally:
+            app.engine.cancel(request)
+
+    def _tgi_events(self, request):
+        """-> (token events [(id, text, logprob)], then a final (None, full text, details)): each released token
+        carries the text that came with it, so the tokens' texts concatenate to generated_text exactly."""
+        text, pending = "", []
+        for kind, i, value in self._events(request):
+            if kind == "error":
+                raise ApiError(i, value, "server_error")
+            if kind == "logprobs":
+                pending += value
+            elif kind == "delta":
+                for k, (tok, lp, _) in enumerate(pending or [(None, None, [])]):
+                    yield tok, value if k == 0 else "", lp
+                text += value
+                pending = []
+            elif kind == "finish":
+                for tok, lp, _ in pending:
+                    yield tok, "", lp
+                seq = request.sequences[0]
+                reason = "stop_sequence" if seq.completion.stop_text is not None else TGI_FINISH[value]
+                details = {"finish_reason": reason, "generated_tokens": seq.completion.sampled,
+                           "seed": request.sampling.seed, "prefill": [], "tokens": []}
+            elif kind == "done":
+                yield None, request.full_text + text, details
+
+    def _tgi_collect(self, request, details):
+        for tok, text, extra in self._tgi_events(request):
+            if tok is None and extra is not None and isinstance(extra, dict):
+                return [{"generated_text": text, **({"details": extra} if details else {})}]
+
+    def _tgi_stream(self, request):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        event = lambda k, tok, text, lp, special=False: {"index": k, "token": {"id": tok, "text": text, "logprob": lp,
+                                                                                "special": special},
+                                                          "generated_text": None, "details": None}
+        held, k = None, 0  # each token's event goes out once the next one exists: the last one carries the end
+        for tok, text, extra in self._tgi_events(request):
+            if isinstance(extra, dict):
+                if extra["finish_reason"] == "eos_token" or held is None:  # TGI ends on the EOS token's own event
+                    if held is not None:
+                        self._send_chunk(held)
+                    k += 1
+                    held = event(k, request.sequences[0].last, "", 0.0, special=True)
+                held.update(generated_text=text, details={key: extra[key] for key in ("finish_reason", "generated_tokens",
+                                                                                      "seed")})
+                self._send_chunk(held)
+                return
+            if held is not None:
+                self._send_chunk(held)
+            k += 1
+            held = event(k, tok, text, extra)
 
     def _run(self, request, stream):
         app = self.server.app
@@ -501,7 +599,8 @@ class Handler(BaseHTTPRequestHandler):
 
 
 _ROUTES = {"GET": {"/health", "/v1/models"},
-           "POST": {"/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"}}
+           "POST": {"/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
+                    "/generate", "/generate_stream"}}
 
 
 class Server(ThreadingHTTPServer):

@@ -52,8 +52,9 @@ def call(server, method, path, body=None, headers=None):
     conn.close()
     if resp.getheader("Content-Type") == "text/event-stream":
         events = [e[len("data: "):] for e in text.split("\n\n") if e]
-        assert events[-1] == "[DONE]"
-        return resp.status, [json.loads(e) for e in events[:-1]]
+        if path.startswith("/v1/"):  # OpenAI's streams end with [DONE]; TGI's with the event holding the whole text
+            assert events.pop() == "[DONE]"
+        return resp.status, [json.loads(e) for e in events]
     return resp.status, json.loads(text)
 
 
@@ -168,3 +169,25 @@ def test_api_key_models_by_id_and_bad_chat_bodies(setup):
                         ({"model": "nope", "messages": MESSAGES}, "does not exist")):
         status, out = call(s, "POST", "/v1/chat/completions", body)
         assert 400 <= status < 500 and words in out["error"]["message"], out
+
+
+def test_tgi_generate_and_stream_match_the_openai_route(setup):
+    s = setup["server"]
+    openai = call(s, "POST", "/v1/completions", {"model": "bot", "prompt": "abc", "max_tokens": 9, "temperature": 0})[1]
+    body = {"inputs": "abc", "parameters": {"adapter_id": "bot", "max_new_tokens": 9, "details": True}}
+    status, out = call(s, "POST", "/generate", body)
+    assert status == 200 and out[0]["generated_text"] == openai["choices"][0]["text"]
+    reason = {"length": "length", "stop": "eos_token"}[openai["choices"][0]["finish_reason"]]
+    assert out[0]["details"]["finish_reason"] == reason
+    assert out[0]["details"]["generated_tokens"] == openai["usage"]["completion_tokens"]
+    status, events = call(s, "POST", "/generate_stream", body)
+    assert status == 200 and [e["index"] for e in events] == list(range(1, len(events) + 1))
+    assert "".join(e["token"]["text"] for e in events) == out[0]["generated_text"] == events[-1]["generated_text"]
+    assert all(e["generated_text"] is None for e in events[:-1]) and events[-1]["details"]["finish_reason"] == reason
+    base = call(s, "POST", "/generate", {"inputs": "abc", "parameters": {"max_new_tokens": 9}})[1]  # no adapter_id: the base
+    assert base[0]["generated_text"] == call(s, "POST", "/v1/completions", {"model": "base", "prompt": "abc", "max_tokens": 9,
+                                                                             "temperature": 0})[1]["choices"][0]["text"]
+    status, err = call(s, "POST", "/generate", {"inputs": "abc", "parameters": {"adapter_id": "nope"}})
+    assert status == 404 and "does not exist" in err["error"] and err["error_type"] == "validation"
+    status, err = call(s, "POST", "/generate", {"inputs": "", "parameters": {}})
+    assert status == 422 and "inputs" in err["error"]

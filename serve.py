@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
+from minilora.chat import load_chat_template
 from minilora.cli import main_guard, opt, parse_args
 from minilora.errors import MiniloraError
-from minilora.loading import load_model
+from minilora.loading import load_model, template_dirs
 from minilora.openai_server import App, Server
 from minilora.registry import AdapterRegistry
 from minilora.serving import Engine
@@ -35,6 +36,11 @@ class ServeArgs:
                              "or a preset for random weights (tiny, scratch:gpt2)")
     lora_modules: list[str] = opt([], "adapters to serve, as name=path (PEFT-format directories) or vLLM's JSON "
                                       "'{\"name\": ..., \"path\": ...}'")
+    lora_adapters: list[str] = opt([], "TGI's spelling of --lora-modules: name=path ...")
+    chat_template: str | None = opt(None, "the base's chat template for /v1/chat/completions: a built-in (chatml, llama2, "
+                                          "llama3, plain), a .jinja file or a tokenizer_config.json; default: the "
+                                          "checkpoint's own (an adapter's chat_template.jinja wins for that adapter)")
+    api_key: str | None = opt(None, "require 'Authorization: Bearer KEY' on every route but /health (as vLLM's --api-key)")
     served_model_name: str | None = opt(None, "the base model's name in the API (default: --init_from)")
     host: str = opt("127.0.0.1", "address to bind; 0.0.0.0 exposes the server to the network")
     port: int = opt(8000, "port to listen on (0: any free port)")
@@ -74,7 +80,7 @@ def main(argv=None):
     args = parse_args(ServeArgs, argv)
     if not args.init_from:
         raise MiniloraError("--init_from is required: the base model's HF name or directory")
-    adapters = lora_modules(args.lora_modules)
+    adapters = lora_modules(args.lora_modules + args.lora_adapters)
     base_name = args.served_model_name or args.init_from
     if base_name in adapters:
         raise MiniloraError(f"--lora-modules name {base_name!r} is the base model's name; rename the adapter")
@@ -94,9 +100,12 @@ def main(argv=None):
     registry = AdapterRegistry(model, args.max_loras, args.max_cpu_loras, args.max_lora_rank)
     for name, path in adapters.items():
         registry.add(name, path)
-    engine = Engine(model, get_tokenizer(model.config.tokenizer), registry, max_num_seqs=args.max_num_seqs,
-                    max_model_len=args.max_model_len)
-    app = App(engine, base_name, args.enable_runtime_lora_updating, args.allowed_lora_dir)
+    tokenizer = get_tokenizer(model.config.tokenizer)
+    template = load_chat_template(args.chat_template, template_dirs(args.init_from, tokenizer=model.config.tokenizer),
+                                  tokenizer)
+    engine = Engine(model, tokenizer, registry, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
+    app = App(engine, base_name, args.enable_runtime_lora_updating, args.allowed_lora_dir, chat_template=template,
+              api_key=args.api_key or os.environ.get("MINILORA_API_KEY"))
     try:
         server = Server(app, args.host, args.port, args.verbose)
     except OSError as e:

@@ -4,6 +4,7 @@ The package's face: every public name is importable from here, whichever module 
 (the README's Layout section says which one does).
 """
 
+from minilora.chat import ChatTemplate, chat_tokens, load_chat_template
 from minilora.config import GPTConfig
 from minilora.errors import MiniloraError
 from minilora.model import GPT
@@ -15,7 +16,8 @@ from minilora.adapter_files import load_adapter, read_adapter, save_adapter
 from minilora.generation import generate, stream_generate
 from minilora.tokenizer import get_tokenizer
 
-__all__ = ["BASE_ADAPTER", "GPT", "GPTConfig", "LoRALinear", "LoraConfig", "MiniloraError", "adapter_rows",
-           "add_weighted_adapter", "apply_lora", "count_parameters", "delete_adapter", "disable_adapter", "generate",
-           "get_tokenizer", "load_adapter", "lora_layers", "merge", "merge_and_unload", "print_trainable_parameters",
-           "read_adapter", "row_adapters", "save_adapter", "set_adapter", "stream_generate", "unmerge"]
+__all__ = ["BASE_ADAPTER", "ChatTemplate", "GPT", "GPTConfig", "LoRALinear", "LoraConfig", "MiniloraError",
+           "adapter_rows", "add_weighted_adapter", "apply_lora", "chat_tokens", "count_parameters", "delete_adapter",
+           "disable_adapter", "generate", "get_tokenizer", "load_adapter", "load_chat_template", "lora_layers",
+           "merge", "merge_and_unload", "print_trainable_parameters", "read_adapter", "row_adapters", "save_adapter",
+           "set_adapter", "stream_generate", "unmerge"]

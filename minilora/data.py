@@ -3,7 +3,7 @@
     ds = load_dataset(path, tokenizer, block_size, *, text_field=None, prompt_field="prompt",
                       completion_field="completion", template=None, val_fraction=0.1,
                       val_path=None, val_split="tokens", packing=False, seed=1337,
-                      cache_dir=None, on_too_long="truncate", rank=0, world_size=1)
+                      cache_dir=None, on_too_long="truncate", rank=0, world_size=1, chat_template=None)
     x, y = ds.next_batch(batch_size, device="cpu")    # int64 (b, T'); y == -100 is not a target
     for x, y in ds.val_batches(batch_size, device="cpu", max_batches=None): ...
     state = ds.state_dict(); ds.load_state_dict(state)  # the loader's position, for checkpoints
@@ -30,6 +30,11 @@ What `path` may be (chosen by extension; anything else raises DataError):
   appended: ids = prompt + completion + [eot]. Loss covers only the completion and the eot (so
   the model learns to stop): labels are -100 at prompt positions and at padding.
   The held-out split is the last `val_fraction` of the examples, or all of `val_path`.
+  Conversations (TRL's format, chosen when the first line has "messages" and neither text_field nor
+  template is set): {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]} per
+  line, rendered with `chat_template` (a chat.ChatTemplate; default: the built-in the tokenizer
+  suggests). Labels cover only the assistant answers, each through its end-of-turn text
+  (chat.chat_tokens); a line with a bad role, no content or no assistant turn is refused by file:line.
   `packing=False`: one example per row, right-padded to the longest in the global batch with
   x = eot, y = -100. `packing=True`: examples are concatenated (eot-separated) and cut into rows
   of exactly block_size; labels still mask prompts, but attention crosses example boundaries
@@ -66,6 +71,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minilora.chat import ChatError, chat_tokens, load_chat_template
 from minilora.errors import MiniloraError
 from minilora.fileio import atomic_open
 
@@ -294,7 +300,8 @@ def _template_fields(template):
 class _Fields:
     """Turns one JSON object into (prompt, completion) strings under the chosen field options."""
 
-    def __init__(self, text_field, prompt_field, completion_field, template):
+    def __init__(self, text_field, prompt_field, completion_field, template, chat_template=None):
+        self.chat_template = chat_template
         if text_field is not None and template is not None:
             raise DataError("text_field and template exclude each other: text_field trains on the "
                             "whole text, template builds a prompt whose tokens are masked")
@@ -339,9 +346,11 @@ def tokenize_examples(path, tokenizer, block_size, fields, on_too_long="truncate
     ids = [bos] + prompt + completion + [eot] (bos where the tokenizer's model expects it); labels = ids with the prompt positions set to -100, so a
     row is x = ids[:-1], y = labels[1:].
     """
+    records = read_jsonl(path)
+    if "messages" in records[0][1] and fields.text_field is None and fields.template is None:
+        return tokenize_conversations(path, records, tokenizer, block_size, fields.chat_template, on_too_long, quiet)
     examples, raw = [], []
     truncated, skipped, longest = 0, 0, 0
-    records = read_jsonl(path)
     for lineno, record in records:
         prompt, completion = fields(path, lineno, record)
         p, c = tokenizer.encode_document(prompt), tokenizer.encode(completion)  # BOS first where the model expects it
@@ -373,6 +382,58 @@ def tokenize_examples(path, tokenizer, block_size, fields, on_too_long="truncate
               f"{block_size} (longest {longest} tokens){note}; on_too_long='error' refuses them instead",
               file=sys.stderr)
     return examples, raw
+
+
+def is_conversational(path):
+    """Whether `path` is a JSONL file whose first line is a conversation ({"messages": ...}); never raises."""
+    if not isinstance(path, (str, os.PathLike)) or Path(path).suffix.lower() not in (".jsonl", ".json"):
+        return False
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            first = next((line for line in f if line.strip()), "")
+        return isinstance(json.loads(first), dict) and "messages" in json.loads(first)
+    except (OSError, ValueError, RecursionError):
+        return False  # load_dataset says what is wrong with the file
+
+
+def tokenize_conversations(path, records, tokenizer, block_size, template, on_too_long="truncate", quiet=False):
+    """TRL's conversational lines, {"messages": [{"role", "content"}, ...]}, rendered with the chat template
+    -> ([(ids, labels)], None). Labels keep only the assistant answers, each through its end-of-turn text
+    (chat.chat_tokens), so the model learns to answer and to stop, never to write the user's turns."""
+    template = template or load_chat_template(None, tokenizer=tokenizer)
+    examples, truncated, skipped, longest = [], 0, 0, 0
+    for lineno, record in records:
+        if "messages" not in record:
+            have = ", ".join(map(repr, record)) or "none"
+            raise DataError(f"{path}:{lineno}: missing field 'messages' (the file's first line is a conversation, so "
+                            f"every line must be); this line has fields: {have}")
+        try:
+            ids, mask = chat_tokens(tokenizer, template, record["messages"])
+        except ChatError as e:
+            raise DataError(f"{path}:{lineno}: {e}") from None
+        if not any(mask):
+            raise DataError(f"{path}:{lineno}: the conversation has no assistant turn, so nothing to learn; "
+                            "add the assistant's answer or remove the line")
+        if len(ids) > block_size + 1:
+            if on_too_long == "error":
+                raise DataError(f"{path}:{lineno}: conversation is {len(ids)} tokens, more than block_size + 1 = "
+                                f"{block_size + 1}; shorten it, raise block_size or use on_too_long='truncate'")
+            longest = max(longest, len(ids))
+            if not any(mask[1:block_size + 1]):  # no answer token left to predict inside the context
+                skipped += 1
+                continue
+            ids, mask = ids[:block_size + 1], mask[:block_size + 1]
+            truncated += 1
+        ids = np.array(ids, dtype=np.int64)
+        examples.append((ids, np.where(mask, ids, -100)))
+    if not examples:
+        raise DataError(f"{path}: no usable conversations: none has an answer within block_size {block_size}; "
+                        "raise block_size or shorten the conversations")
+    if (truncated or skipped) and not quiet:
+        note = f"; skipped {skipped} with no answer inside the context" if skipped else ""
+        print(f"warning: {path}: truncated {truncated} of {len(records)} conversations longer than block_size "
+              f"{block_size} (longest {longest} tokens){note}; on_too_long='error' refuses them instead", file=sys.stderr)
+    return examples, None
 
 
 def _pad(items, eot, length):
@@ -484,7 +545,7 @@ def _kind(path):
 def load_dataset(path, tokenizer, block_size, *, text_field=None, prompt_field="prompt",
                  completion_field="completion", template=None, val_fraction=0.1, val_path=None,
                  val_split="tokens", packing=False, seed=1337, cache_dir=None,
-                 on_too_long="truncate", rank=0, world_size=1):
+                 on_too_long="truncate", rank=0, world_size=1, chat_template=None):
     """Open `path` as a TextDataset or ExampleDataset (see the module docstring for every option)."""
     if not (isinstance(block_size, int) and block_size >= 1):
         raise DataError(f"block_size must be a positive int, got {block_size!r}")
@@ -512,7 +573,7 @@ def load_dataset(path, tokenizer, block_size, *, text_field=None, prompt_field="
         # the fingerprint covers the split too: a different val_fraction means different blocks
         return TextDataset(train, val, block_size, seed, f"{key}:{len(train)}", rank, world_size)
 
-    fields = _Fields(text_field, prompt_field, completion_field, template)
+    fields = _Fields(text_field, prompt_field, completion_field, template, chat_template)
     quiet = rank != 0  # every rank reads the data; one warning is enough
     examples, raw = tokenize_examples(source, tokenizer, block_size, fields, on_too_long, quiet)
     if val_source is not None:
@@ -521,7 +582,7 @@ def load_dataset(path, tokenizer, block_size, *, text_field=None, prompt_field="
     else:
         n_val = 0 if val_fraction == 0 else min(max(1, round(len(examples) * val_fraction)), len(examples) - 1)
         cut = len(examples) - n_val
-        train, val, val_raw = examples[:cut], examples[cut:], raw[cut:]
+        train, val, val_raw = examples[:cut], examples[cut:], raw and raw[cut:]
     val_examples = None if text_field is not None else val_raw
     return ExampleDataset(train, val, val_examples, block_size, tokenizer.eot_token, seed, packing,
                           rank, world_size)

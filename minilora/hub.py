@@ -48,7 +48,8 @@ INDEX_FILE = SAFETENSORS_FILE + ".index.json"  # a sharded checkpoint's index, b
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 TOKENIZER_FILE = "tokenizer.json"
 # The tokenizer and generation settings travel with the weights (fetched when the hub has them).
-TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")
 _BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")  # causal-mask buffers older checkpoints carry
 _HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 

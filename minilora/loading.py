@@ -38,6 +38,7 @@ class RunInfo:
     base_model: str      # the model argument it was trained from
     tokenizer: str
     model_config: dict | None = None
+    chat_template: object = None  # the chat.ChatTemplate a run trained with (recorded as chat_template.jinja)
 
 
 def read_run_info(path):
@@ -137,6 +138,22 @@ def _warn_other_base(adapter, recorded, base):
     if isinstance(recorded, str) and recorded and not same:
         print(f"warning: the adapter in {adapter} was trained on {recorded!r}, not on {base!r}; its outputs are "
               f"only meaningful on its own base", file=sys.stderr)
+
+
+def template_dirs(arg, adapter=None, tokenizer=None):
+    """Directories whose chat template (chat_template.jinja, tokenizer_config.json) applies to model `arg`
+    (+ `adapter`), nearest first: the adapter, the run directories down to the base, the tokenizer's."""
+    dirs, seen = ([adapter] if adapter else []), set()
+    while isinstance(arg, str) and os.path.isdir(arg) and os.path.realpath(arg) not in seen:
+        seen.add(os.path.realpath(arg))
+        dirs.append(arg)
+        info = read_run_info(arg)
+        if info is None or info.kind != "lora":
+            break
+        arg = info.base_model
+    if isinstance(tokenizer, str) and os.path.exists(tokenizer):
+        dirs.append(tokenizer if os.path.isdir(tokenizer) else os.path.dirname(tokenizer))
+    return dirs
 
 
 def model_config(arg, preset="tiny"):

@@ -50,6 +50,11 @@ class Sampling:
     stop: list = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False  # vLLM's extension: keep going past the end-of-text token (benchmarks)
+    eos_token_ids: list | None = None  # ids that end the answer (chat: + the end-of-turn token); None: the tokenizer's
+    logprobs: int | None = None        # report each token's log-probability and this many top alternatives
+    presence_penalty: float = 0.0      # OpenAI's: logit -= presence * (count > 0) + frequency * count,
+    frequency_penalty: float = 0.0     # count = times the token was sampled so far in this completion
+    echo: bool = False                 # prompt logprobs too (with logprobs): the prefill's logits
 
 
 class Sequence:
@@ -63,6 +68,9 @@ class Sequence:
         self.row = self.slot = None
         self.pos = 0       # cache slot of the next token fed to the model
         self.last = None   # the token sampled last, fed at the next step
+        self.logprobs = [] # per sampled token (Sampling.logprobs): (token, logprob, [(top token, logprob), ...])
+        self.prompt_logprobs = None  # echo + logprobs: the prompt's, the first token's logprob None
+        self.counts = None # (V,) times each token was sampled: the penalties' counts
 
 
 class Request:
@@ -82,6 +90,8 @@ class Request:
         self.events = queue.Queue()
         self.cancelled = False
         self.include_usage = False  # streaming: end with a usage chunk (OpenAI's stream_options)
+        self.chat = False           # answered in chat.completion shapes
+        self.echo = False           # the prompt's text (and logprobs) before each completion
 
     def __iter__(self):
         while True:
@@ -93,6 +103,13 @@ class Request:
     def usage(self):
         done = sum(s.completion.sampled for s in self.sequences if s.completion)
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": done, "total_tokens": self.prompt_tokens + done}
+
+
+def _entry(logprobs, token, k):
+    """(token, its logprob, [(token, logprob) of the k most likely]) from a (V,) log-softmax."""
+    top = torch.topk(logprobs, k) if k else None
+    alts = list(zip(top.indices.tolist(), top.values.tolist())) if k else []
+    return token, float(logprobs[token]), alts
 
 
 class Engine:
@@ -213,17 +230,23 @@ class Engine:
 
     def _prefill(self, seq):
         p, dev, s = len(seq.prompt), self.device, seq.request.sampling
-        seq.completion = Completion(max_tokens=s.max_tokens, eot_token=self.tokenizer.eos_token_ids, stop=s.stop,
+        eos = self.tokenizer.eos_token_ids if s.eos_token_ids is None else s.eos_token_ids
+        seq.completion = Completion(max_tokens=s.max_tokens, eot_token=eos, stop=s.stop,
                                     tokenizer=self.tokenizer, ignore_eos=s.ignore_eos)
         if s.seed is not None:  # seed + index: the n choices of a prompt differ, each reproducible on its own
             seq.generator = torch.Generator(dev).manual_seed(s.seed + seq.index)
         idx = torch.tensor([seq.prompt], device=dev)  # (1, p)
         slot = torch.arange(self.max_model_len, device=dev)
         mask = (slot[None, :] <= torch.arange(p, device=dev)[:, None])[None, None]  # (1, 1, p, L): causal, own slots
+        echo = s.echo and s.logprobs is not None  # the prompt's logprobs: every position's logits, not just the last
         with self._rows([seq.slot]):
             logits, _ = self.model(idx, pos=torch.arange(p, device=dev)[None], attn_mask=mask, cache_pos=0,
-                                   cache_rows=torch.tensor([seq.row], device=dev))
+                                   cache_rows=torch.tensor([seq.row], device=dev), all_logits=echo)
         seq.pos = p
+        if echo:
+            lp = torch.log_softmax(logits[0, :-1].float(), dim=-1)  # (p-1, V): what predicted each next prompt token
+            seq.prompt_logprobs = [(seq.prompt[0], None, [])] + [_entry(lp[j], seq.prompt[j + 1], s.logprobs)
+                                                                 for j in range(p - 1)]
         self._accept(seq, logits[0, -1])
 
     def _step(self):
@@ -251,14 +274,27 @@ class Engine:
     def _accept(self, seq, logits):
         """Sample the next token of `seq` from its (V,) logits and send the text that became certain."""
         s, c = seq.request.sampling, seq.completion
+        logits = logits.float()
+        raw = logits
+        if s.presence_penalty or s.frequency_penalty:
+            if seq.counts is None:
+                seq.counts = torch.zeros_like(logits)
+            logits = logits - s.frequency_penalty * seq.counts - s.presence_penalty * (seq.counts > 0).float()
         try:
-            tok = int(sample_next(logits.float()[None], s.temperature, None, s.top_p, seq.generator))
+            tok = int(sample_next(logits[None], s.temperature, None, s.top_p, seq.generator))
         except (MiniloraError, RuntimeError) as e:  # e.g. NaN logits: this row's request fails, no other
             self._finish(seq, None)
             self._fail(seq.request, 500, f"sampling failed: {e}")
             return
+        if seq.counts is not None:
+            seq.counts[tok] += 1
+        if s.logprobs is not None:  # of the model's own distribution, before penalties and temperature (as vLLM)
+            seq.logprobs.append(_entry(torch.log_softmax(raw, dim=-1), tok, s.logprobs))
+        before = c.released
         c.add(tok, at_limit=seq.pos >= self.max_model_len)
         seq.last = tok
+        if s.logprobs is not None and c.released > before:
+            seq.request.events.put(("logprobs", seq.index, seq.logprobs[before:c.released]))
         text = c.text()
         if len(text) > len(seq.text):
             seq.request.events.put(("delta", seq.index, text[len(seq.text):]))

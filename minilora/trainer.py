@@ -34,10 +34,11 @@ from minilora.checkpoint import find_checkpoint, load_checkpoint, rng_state, sav
     set_rng_state
 from minilora.cli import opt
 from minilora.config import PRESETS
-from minilora.data import load_dataset
+from minilora.chat import load_chat_template, write_template
+from minilora.data import is_conversational, load_dataset
 from minilora.errors import MiniloraError
 from minilora.fileio import atomic_open
-from minilora.loading import RUN_FILE, RunInfo, load_model, model_config
+from minilora.loading import RUN_FILE, RunInfo, load_model, model_config, template_dirs
 from minilora.lora import LoraConfig, apply_lora, count_parameters, merge_and_unload, trainable_line
 from minilora.model import GPT
 from minilora.params import format_report, parameter_report
@@ -73,6 +74,9 @@ class TrainConfig:
     template: Optional[str] = opt(None, "JSONL: build the prompt from the line's fields, e.g. 'Q: {question} A: '")
     packing: bool = opt(False, "JSONL: pack examples into full rows instead of padding each to the batch's longest")
     on_too_long: str = opt("truncate", "JSONL examples longer than the context", choices=["truncate", "error"])
+    chat_template: Optional[str] = opt(None, "conversational JSONL ({\"messages\": [...]}): a built-in (chatml, llama2, "
+                                             "llama3, plain), a .jinja file or a tokenizer_config.json; default: the "
+                                             "model's own, else the built-in its tokens suggest")
     block_size: Optional[int] = opt(None, "tokens per row (default: the model's context)")
     # ---- length and batch ----
     max_iters: int = opt(200, "optimizer steps (ignored when --epochs is set)")
@@ -204,7 +208,10 @@ def start_run(cfg):
         if tokenizer.n_vocab > model.config.vocab_size:  # its ids would index past the embedding
             raise MiniloraError(f"the model's tokenizer {info.tokenizer!r} has {tokenizer.n_vocab} ids but its config.json "
                                 f"says vocab_size {model.config.vocab_size}; fix config.json (or its minilora.tokenizer)")
-        dataset = load_data(cfg, tokenizer, model.config.block_size, rt)
+        if cfg.chat_template or (cfg.data and is_conversational(cfg.data)):  # recorded in out_dir by save_output
+            info.chat_template = load_chat_template(cfg.chat_template, template_dirs(cfg.init_from, tokenizer=info.tokenizer),
+                                                    tokenizer)
+        dataset = load_data(cfg, tokenizer, model.config.block_size, rt, info.chat_template)
         eval_fn = task_eval_fn(dataset, info.tokenizer, cfg.eval_examples, cfg.block_size or model.config.block_size)
     except BaseException:
         cleanup(rt, completed=False)
@@ -214,7 +221,7 @@ def start_run(cfg):
 
 # ---- data --------------------------------------------------------------------------------------
 
-def load_data(cfg, tokenizer, block_size, rt):
+def load_data(cfg, tokenizer, block_size, rt, chat_template=None):
     """The dataset for `cfg.data`; each rank takes its own rows of every global batch."""
     if cfg.data is None:
         raise MiniloraError("no training data: pass --data FILE (.txt, a directory of .txt files, or .jsonl)")
@@ -225,7 +232,7 @@ def load_data(cfg, tokenizer, block_size, rt):
         text_field=cfg.text_field, prompt_field=cfg.prompt_field, completion_field=cfg.completion_field,
         template=cfg.template, val_fraction=cfg.val_fraction, val_path=cfg.val_data, packing=cfg.packing,
         seed=cfg.seed, cache_dir=os.path.join(cfg.out_dir, ".cache"), on_too_long=cfg.on_too_long,
-        rank=rt.rank, world_size=rt.world_size)
+        rank=rt.rank, world_size=rt.world_size, chat_template=chat_template)
 
 
 def task_eval_fn(dataset, tokenizer, n_examples, block_size):
@@ -480,7 +487,10 @@ def save_output(model, cfg, info, rt, result=None):
             model.save_pretrained(target)
         for name in os.listdir(target):
             os.replace(os.path.join(target, name), os.path.join(cfg.out_dir, name))
+    if info.chat_template is not None:  # generate.py and serve.py render conversations the way training did
+        write_template(info.chat_template, cfg.out_dir)
     run = {"kind": info.kind, "base_model": info.base_model, "tokenizer": info.tokenizer,
+           "chat_template": info.chat_template and info.chat_template.name,
            "model_config": model.config.to_dict(), "iter_num": result.iter_num if result else None,
            "val_loss": result.val_loss if result else None, "train_config": dataclasses.asdict(cfg)}
     with atomic_open(os.path.join(cfg.out_dir, RUN_FILE), "w") as f:

@@ -57,7 +57,7 @@ BAD_BODIES = [  # each must get a 4xx, never reach the model, never a 5xx
     b'{"model": "base", "prompt": "' + b"y" * 200 + b'"}', b'{"model": "base", "prompt": [300, 1]}',
     b'{"model": "base", "prompt": "x", "temperature": "hot"}', b'{"model": "base", "prompt": "x", "n": 1000}',
     b'{"model": "base", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', b'{"model": "base", "prompt": []}',
-    b'{"model": "base", "prompt": "x", "stream": "yes"}', b'{"model": "base", "prompt": "x", "logprobs": 5}',
+    b'{"model": "base", "prompt": "x", "stream": "yes"}', b'{"model": "base", "prompt": "x", "logprobs": 500}',
     b'{"model": "base", "prompt": "x", "seed": -5}', b'{"model": "base", "prompt": {"a": 1}}',
 ]
 

@@ -210,7 +210,7 @@ BAD_BODIES = [
     ({"model": "sql", "prompt": "x", "stop": [""]}, 400, "stop"),
     ({"model": "sql", "prompt": "x", "n": 0}, 400, "'n'"),
     ({"model": "sql", "prompt": "x" * 60, "max_tokens": 8}, 400, "maximum context length is 64"),
-    ({"model": "sql", "prompt": "x", "logprobs": 2}, 400, "logprobs"),
+    ({"model": "sql", "prompt": "x", "logprobs": 99}, 400, "logprobs"),
     (["not", "an", "object"], 400, "JSON object"),
 ]
 

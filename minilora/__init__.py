@@ -4,6 +4,8 @@ The package's face: every public name is importable from here, whichever module 
 (the README's Layout section says which one does).
 """
 
+import importlib
+
 from minilora.config import GPTConfig
 from minilora.errors import MiniloraError
 from minilora.model import GPT
@@ -14,7 +16,6 @@ from minilora.adapters import (adapter_rows, add_weighted_adapter, delete_adapte
 from minilora.adapter_files import load_adapter, read_adapter, save_adapter
 from minilora.generation import generate, stream_generate
 from minilora.tokenizer import get_tokenizer
-from minilora.peft_api import PeftModel, SFTTrainer, TrainingArguments, generate_ids, get_peft_model
 
 __all__ = ["BASE_ADAPTER", "GPT", "GPTConfig", "LoRALinear", "LoraConfig", "MiniloraError", "PeftModel",
            "SFTTrainer", "TrainingArguments", "adapter_rows", "add_weighted_adapter", "apply_lora",
@@ -22,3 +23,13 @@ __all__ = ["BASE_ADAPTER", "GPT", "GPTConfig", "LoRALinear", "LoraConfig", "Mini
            "get_tokenizer", "load_adapter", "lora_layers", "merge", "merge_and_unload",
            "print_trainable_parameters", "read_adapter", "row_adapters", "save_adapter", "set_adapter",
            "stream_generate", "unmerge"]
+
+# PEFT/TRL's names (minilora.peft_api) bring the whole training stack (trainer, data, params); loaded on first
+# use so `import minilora` stays light and `python -m minilora.params` is not imported twice (runpy warns).
+_PEFT_API = ("PeftModel", "SFTTrainer", "TrainingArguments", "generate_ids", "get_peft_model")
+
+
+def __getattr__(name):
+    if name in _PEFT_API:
+        return getattr(importlib.import_module("minilora.peft_api"), name)
+    raise AttributeError(f"module 'minilora' has no attribute {name!r}")

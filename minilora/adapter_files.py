@@ -93,7 +93,8 @@ def peft_config_dict(config):
     """PEFT's adapter_config.json, with the keys PEFT has written since v0.10 so any recent PEFT loads it."""
     return {
         "peft_type": "LORA", "auto_mapping": None, "base_model_name_or_path": config.base_model_name_or_path,
-        "revision": None, "task_type": config.task_type, "inference_mode": True,  # as PEFT's save_pretrained writes
+        "revision": None, "inference_mode": True,  # as PEFT's save_pretrained writes
+        "task_type": config.task_type or "CAUSAL_LM",  # every minilora model is one: PEFT builds PeftModelForCausalLM
         "r": config.r, "target_modules": config.target_modules if isinstance(config.target_modules, str)
         else list(config.target_modules), "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
         "fan_in_fan_out": False, "bias": config.bias, "use_rslora": config.use_rslora,

@@ -4,6 +4,8 @@ The package's face: every public name is importable from here, whichever module 
 (the README's Layout section says which one does).
 """
 
+import importlib
+
 from minilora.chat import ChatTemplate, chat_tokens, load_chat_template
 from minilora.config import GPTConfig
 from minilora.errors import MiniloraError
@@ -17,7 +19,18 @@ from minilora.generation import generate, stream_generate
 from minilora.tokenizer import get_tokenizer
 
 __all__ = ["BASE_ADAPTER", "ChatTemplate", "GPT", "GPTConfig", "LoRALinear", "LoraConfig", "MiniloraError",
-           "adapter_rows", "add_weighted_adapter", "apply_lora", "chat_tokens", "count_parameters", "delete_adapter",
-           "disable_adapter", "generate", "get_tokenizer", "load_adapter", "load_chat_template", "lora_layers",
-           "merge", "merge_and_unload", "print_trainable_parameters", "read_adapter", "row_adapters", "save_adapter",
+           "PeftModel", "SFTTrainer", "TrainingArguments", "adapter_rows", "add_weighted_adapter", "apply_lora",
+           "chat_tokens", "count_parameters", "delete_adapter", "disable_adapter", "generate", "generate_ids",
+           "get_peft_model", "get_tokenizer", "load_adapter", "load_chat_template", "lora_layers", "merge",
+           "merge_and_unload", "print_trainable_parameters", "read_adapter", "row_adapters", "save_adapter",
            "set_adapter", "stream_generate", "unmerge"]
+
+# PEFT/TRL's names (minilora.peft_api) bring the whole training stack (trainer, data, params); loaded on first
+# use so `import minilora` stays light and `python -m minilora.params` is not imported twice (runpy warns).
+_PEFT_API = ("PeftModel", "SFTTrainer", "TrainingArguments", "generate_ids", "get_peft_model")
+
+
+def __getattr__(name):
+    if name in _PEFT_API:
+        return getattr(importlib.import_module("minilora.peft_api"), name)
+    raise AttributeError(f"module 'minilora' has no attribute {name!r}")

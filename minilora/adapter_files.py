@@ -93,7 +93,8 @@ def peft_config_dict(config):
     """PEFT's adapter_config.json, with the keys PEFT has written since v0.10 so any recent PEFT loads it."""
     return {
         "peft_type": "LORA", "auto_mapping": None, "base_model_name_or_path": config.base_model_name_or_path,
-        "revision": None, "task_type": config.task_type, "inference_mode": True,  # as PEFT's save_pretrained writes
+        "revision": None, "inference_mode": True,  # as PEFT's save_pretrained writes
+        "task_type": config.task_type or "CAUSAL_LM",  # every minilora model is one: PEFT builds PeftModelForCausalLM
         "r": config.r, "target_modules": config.target_modules if isinstance(config.target_modules, str)
         else list(config.target_modules), "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
         "fan_in_fan_out": False, "bias": config.bias, "use_rslora": config.use_rslora,
@@ -234,8 +235,10 @@ def read_adapter(model, adapter_dir, *, allow_pickle=False, expected_base=None, 
     return AdapterWeights(os.fspath(adapter_dir), config, {k: t.clone() for k, t in tensors.items()})
 
 
-def attach_adapter(model, weights, adapter_name, *, is_trainable=False, activate=True):
-    """Add read_adapter's result to `model` under `adapter_name` (apply_lora, then copy the tensors in)."""
+def attach_adapter(model, weights, adapter_name, *, is_trainable=False, activate=None):
+    """Add read_adapter's result to `model` under `adapter_name` (apply_lora, then copy the tensors in).
+
+    activate: apply_lora's rule (None: active only if no adapter is active yet)."""
     apply_lora(model, weights.config, adapter_name, activate=activate)
     live = {_canon(k): p for k, p in adapter_state_dict(model, adapter_name).items()}
     with torch.no_grad():
@@ -247,12 +250,15 @@ def attach_adapter(model, weights, adapter_name, *, is_trainable=False, activate
     return model
 
 
-def load_adapter(model, adapter_dir, adapter_name=None, *, is_trainable=False, allow_pickle=False, expected_base=None):
+def load_adapter(model, adapter_dir, adapter_name=None, *, is_trainable=False, allow_pickle=False, expected_base=None,
+                 activate=None):
     """Add the adapter in `adapter_dir` to `model` under `adapter_name` (default "default"); return the model.
 
-    read_adapter checks everything before the model changes. The new adapter becomes the active
-    one (apply_lora's rule); with is_trainable=False its tensors are frozen (PEFT's inference mode).
-    An existing adapter of the same name is an error, never silently replaced.
+    read_adapter checks everything before the model changes. As in PEFT, the adapter becomes the
+    active one only if no adapter is active yet: loading a second one leaves the first in use
+    until set_adapter(model, name) (activate=True switches at once). With is_trainable=False its
+    tensors are frozen (PEFT's inference mode). An existing adapter of the same name is an error,
+    never silently replaced.
     """
     name = "default" if adapter_name is None else adapter_name
     if name in getattr(model, "peft_config", {}):
@@ -260,7 +266,7 @@ def load_adapter(model, adapter_dir, adapter_name=None, *, is_trainable=False, a
                             f"or delete_adapter(model, {name!r}) first")
     weights = read_adapter(model, adapter_dir, allow_pickle=allow_pickle, expected_base=expected_base,
                            trim=not is_trainable)
-    return attach_adapter(model, weights, name, is_trainable=is_trainable)
+    return attach_adapter(model, weights, name, is_trainable=is_trainable, activate=activate)
 
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -31,7 +31,8 @@ def seed_everything(seed):
 
 
 # Options that decide which weights exist; resuming with different ones is a different run.
-MODEL_OPTIONS = ("init_from", "model", "lora_r", "lora_alpha", "target_modules", "use_rslora", "full_finetune")
+MODEL_OPTIONS = ("init_from", "model", "lora_r", "lora_alpha", "target_modules", "use_rslora", "full_finetune", "bias",
+                 "modules_to_save", "layers_to_transform", "init_lora_weights")
 
 
 def rng_state():
@@ -97,7 +98,8 @@ def load_checkpoint(path, raw_model, optimizer, scaler, dataset, cfg, rt):
     except Exception as e:  # truncated, empty or foreign files fail in many types; all mean the same here
         raise MiniloraError(f"{fp} cannot be read ({type(e).__name__}: {str(e)[:80]}); the checkpoint is damaged: "
                             f"start again without --resume in a new --out_dir") from None
-    changed = [k for k in MODEL_OPTIONS if saved.get(k) != getattr(cfg, k)]
+    # an option a checkpoint predates (e.g. --bias) had its default then: missing counts as unchanged
+    changed = [k for k in MODEL_OPTIONS if saved.get(k, getattr(cfg, k)) != getattr(cfg, k)]
     if changed:
         was = ", ".join(f"--{k} {saved.get(k)!r}" for k in changed)
         raise MiniloraError(f"{path} was trained with {was}; resume with the same options, or use a new --out_dir")

@@ -22,7 +22,9 @@ What `path` may be (chosen by extension; anything else raises DataError):
   The held-out split is the last `val_fraction` of the tokens (`val_split="tokens"`) or of the
   documents (`val_split="documents"`). Batches are random contiguous blocks
   x = tokens[i:i+T], y = tokens[i+1:i+T+1], which may span documents, as in GPT-2 pretraining.
-- `.jsonl` / `.json` (JSON Lines: one object per line): fine-tuning examples. With `text_field`
+- `.jsonl` (one object per line), `.json` (an array of objects; JSON Lines also read) or `.csv`
+  (standard-library csv: a header row names the fields, each row is one example, every value a
+  string): fine-tuning examples, read alike (read_records). With `text_field`
   the whole text is trained on. Otherwise each example is a prompt and a completion: the prompt
   is field `prompt_field`, or `template` filled from the line's fields ("Q: {question}\\nA: ");
   the completion is field `completion_field`. Prompt and completion are tokenized separately
@@ -60,7 +62,9 @@ the ranks' batches in rank order gives exactly the single-process batch. `val_ba
 sharded: every rank gets the full, identical validation set.
 """
 
+import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -286,6 +290,61 @@ def read_jsonl(path):
     return records
 
 
+def read_json_array(path):
+    """[(line number, object), ...] for a .json file holding one array of objects (what most exports write)."""
+    text = _read(path)
+    try:
+        json.loads(text)  # the whole file first: a syntax error is reported with its line and column
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{path}: invalid JSON ({e})") from None
+    decoder, records = json.JSONDecoder(), []
+    i = text.index("[") + 1
+    while True:  # walk the (valid) array element by element, to know the line each record starts on
+        while text[i] in " \t\r\n,":
+            i += 1
+        if text[i] == "]":
+            break
+        record, end = decoder.raw_decode(text, i)
+        lineno = text.count("\n", 0, i) + 1
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object in the array, got "
+                            f"{_JSON_TYPES.get(type(record), type(record).__name__)}")
+        records.append((lineno, record))
+        i = end
+    if not records:
+        raise DataError(f"{path}: no examples (the array is empty)")
+    return records
+
+
+def read_csv(path):
+    """[(line number, {column: value}), ...] for a .csv file whose first row names the columns."""
+    rows = csv.DictReader(io.StringIO(_read(path), newline=""))
+    records = []
+    try:
+        for record in rows:
+            if None in record or None in record.values():  # DictReader's marks for too many / too few cells
+                raise DataError(f"{path}:{rows.line_num}: the row's cells do not match the header's "
+                                f"{len(rows.fieldnames)} columns; quote cells that hold commas")
+            records.append((rows.line_num, record))
+    except csv.Error as e:
+        raise DataError(f"{path}:{rows.line_num}: invalid CSV ({e})") from None
+    if not records:
+        raise DataError(f"{path}: no examples (a header row, then one row per example)")
+    return records
+
+
+def read_records(path):
+    """The examples of a .jsonl, .json (an array of objects, or JSON Lines) or .csv file, with line numbers."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".csv":
+        return read_csv(path)
+    if suffix == ".json" and _read(path).lstrip().startswith("["):
+        return read_json_array(path)
+    return read_jsonl(path)
+
+
 def _template_fields(template):
     """Top-level names a str.format template reads; positional {} fields are refused."""
     try:
@@ -343,10 +402,10 @@ class _Fields:
 def tokenize_examples(path, tokenizer, block_size, fields, on_too_long="truncate", quiet=False):
     """Read a JSONL file into ([(ids, labels) int64 arrays], [(prompt, completion)]).
 
-    ids = [bos] + prompt + completion + [eot] (bos where the tokenizer's model expects it); labels = ids with the prompt positions set to -100, so a
-    row is x = ids[:-1], y = labels[1:].
+    ids = [bos] + prompt + completion + [eot] (bos where the tokenizer's model expects it); labels = ids
+    with the prompt positions set to -100, so a row is x = ids[:-1], y = labels[1:].
     """
-    records = read_jsonl(path)
+    records = read_records(path)
     if "messages" in records[0][1] and fields.text_field is None and fields.template is None:
         return tokenize_conversations(path, records, tokenizer, block_size, fields.chat_template, on_too_long, quiet)
     examples, raw = [], []
@@ -536,10 +595,11 @@ def _kind(path):
         raise DataError(f"{p}: no such file or directory")
     if p.is_dir() or p.suffix.lower() == ".txt":
         return "text", [p]
-    if p.suffix.lower() in (".jsonl", ".json"):
-        return "jsonl", p
+    if p.suffix.lower() in (".jsonl", ".json", ".csv"):
+        return "jsonl", p  # records, whichever file holds them
     raise DataError(f"{p}: unknown data format {p.suffix or '(no extension)'!r}; use .txt files or a "
-                    "directory of them (plain text) or .jsonl (one JSON object per line)")
+                    "directory of them (plain text), .jsonl (one JSON object per line), .json (an array of "
+                    "objects) or .csv (a header row, then one row per example)")
 
 
 def load_dataset(path, tokenizer, block_size, *, text_field=None, prompt_field="prompt",

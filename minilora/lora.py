@@ -232,12 +232,14 @@ def refuse_if_merged(model, action):
         raise MiniloraError(f"cannot {action} while adapter(s) {', '.join(merged)} are merged; call unmerge(model) first")
 
 
-def apply_lora(model, config, adapter_name="default", *, activate=True):
-    """Wrap the targeted linears with adapter `adapter_name`, make it the active one, freeze the rest.
+def apply_lora(model, config, adapter_name="default", *, activate=None):
+    """Wrap the targeted linears with adapter `adapter_name`; the first adapter becomes the active one.
 
-    Like get_peft_model: afterwards only this adapter's A/B (plus modules_to_save and biases per
-    config.bias) require grad. A second adapter name adds to the same LoRALinear modules.
-    activate=False adds it without changing the active set (serving, load_adapter).
+    Like get_peft_model: afterwards only the active adapter's A/B (plus modules_to_save and biases
+    per config.bias) require grad. A second adapter name adds to the same LoRALinear modules and,
+    as in PEFT (add_adapter, load_adapter), does not become active: set_adapter switches.
+    activate: None (PEFT's rule: active only when no adapter is active yet), True (make it the
+    active one), False (never: serving's registry).
     """
     if not isinstance(config, LoraConfig):
         raise MiniloraError(f"apply_lora needs a LoraConfig, got {type(config).__name__}")
@@ -246,6 +248,7 @@ def apply_lora(model, config, adapter_name="default", *, activate=True):
     if adapter_name in configs:
         raise MiniloraError(f"adapter {adapter_name!r} already exists; delete_adapter it first or choose another name")
     refuse_if_merged(model, "add an adapter")
+    before = active_adapters(model)  # read before new LoRALinears (with no active adapter) exist
     targets = find_targets(model, config.target_modules, config.layers_to_transform)
     find_modules(model, config.modules_to_save or [])  # check the names before changing anything
     for path, layer in ((p, model.get_submodule(p)) for p in targets):  # before allocating: r adds size, not rank
@@ -260,8 +263,10 @@ def apply_lora(model, config, adapter_name="default", *, activate=True):
             set_module(model, path, layer)
         layer.add_adapter(adapter_name, config.r, config.lora_alpha, config.lora_dropout,
                           config.use_rslora, config.init_lora_weights)
+    if activate is None:
+        activate = not before  # a second adapter never silently replaces the one in use
     model.peft_config = {**configs, adapter_name: config}
-    activate_adapters(model, [adapter_name] if activate else active_adapters(model))
+    activate_adapters(model, [adapter_name] if activate else before)
     return model
 
 

@@ -360,6 +360,8 @@ class GPT(nn.Module):
         model.load_state_dict(state_dict, strict=True, assign=True)
         if config.tie_word_embeddings:  # assign=True gave wte and lm_head a Parameter each: re-tie
             model.transformer.wte.weight = model.lm_head.weight
+        # transformers' name_or_path: what an adapter trained on this model records as its base
+        model.name_or_path = os.path.abspath(name_or_dir) if os.path.isdir(name_or_dir) else name_or_dir
         return model.eval()
 
     def save_pretrained(self, save_dir, *, max_shard_size="5GB"):

@@ -20,6 +20,7 @@ from minilora.config import PRESETS, GPTConfig
 from minilora.errors import MiniloraError
 from minilora.lora import LoraConfig, apply_lora, count_parameters, trainable_line
 from minilora.model import GPT
+from minilora.targets import target_modules_arg
 
 LINEAR4096 = "linear4096"  # one 4096x4096 weight, the example of the LoRA explainers
 
@@ -117,7 +118,8 @@ class Args:
     """Trainable-parameter count and adapter size for LoRA on a model, computed on the meta device."""
     model: str = opt("gpt2", f"GPT preset ({', '.join(PRESETS)}) or {LINEAR4096} (one 4096x4096 matrix)")
     r: int = opt(8, "LoRA rank")
-    target_modules: list[str] = opt(["q_proj", "v_proj"], "module names (space or comma separated), or all-linear")
+    target_modules: list[str] = opt(["q_proj", "v_proj"], "module names (space or comma separated), all-linear, "
+                                                          "or one regex over module paths")
     bias: str = opt("none", "which biases train too", choices=["none", "all", "lora_only"])
     table: bool = opt(False, "print the README's parameter-savings table (markdown) instead")
 
@@ -127,11 +129,10 @@ def main(argv=None):
     if args.table:
         print(format_table())
         return
-    targets = [t for item in args.target_modules for t in item.split(",") if t]
+    targets = target_modules_arg(args.target_modules)  # train.py's rule: names, q_proj,v_proj, all-linear or a regex
     if args.model == LINEAR4096 and targets == ["q_proj", "v_proj"]:
         targets = ["proj"]  # the default targets name GPT modules; the bare matrix has only this one
-    config = LoraConfig(r=args.r, lora_alpha=args.r, bias=args.bias,
-                        target_modules="all-linear" if targets == ["all-linear"] else targets)
+    config = LoraConfig(r=args.r, lora_alpha=args.r, bias=args.bias, target_modules=targets)
     print(format_report(parameter_report(args.model, config)))
 
 

@@ -3,6 +3,11 @@
     find_targets(model, ["q_proj", "v_proj"])   -> ["transformer.h.0.attn.q_proj", ...]
     find_targets(model, "all-linear")           -> every nn.Linear but the output head
 A name that matches nothing is an error listing the names that exist (typos never pass silently).
+
+On the command line (every script, one rule: target_modules_arg): `q_proj v_proj`, `q_proj,v_proj`
+and `q_proj, v_proj` are the same two names; `all-linear` is PEFT's all-linear; an item holding a
+character no module path has (anything but letters, digits, `_`, `-` and `.`), e.g.
+'.*[.](q_proj|v_proj)', is a regex matched against whole module paths, and must come alone.
 """
 
 import re
@@ -12,6 +17,27 @@ import torch.nn as nn
 from minilora.errors import MiniloraError
 
 _BLOCK = re.compile(r"transformer\.h\.(\d+)\.")  # a module path inside block i of GPT
+_NAME = re.compile(r"[A-Za-z0-9_.\-]+")  # what a module path (or all-linear) can hold
+
+
+def split_list(items):
+    """A list option as typed: ['q_proj,v_proj'], ['q_proj', 'v_proj'], ['q_proj,', 'v_proj'] -> ['q_proj', 'v_proj']."""
+    return [part.strip() for item in items for part in item.split(",") if part.strip()]
+
+
+def target_modules_arg(items):
+    """--target_modules as typed -> LoraConfig.target_modules: a list of names, 'all-linear', or a regex string."""
+    items = [item for item in items if item.strip()]
+    regex = [item for item in items if not all(_NAME.fullmatch(p.strip()) for p in item.split(",") if p.strip())]
+    if regex:
+        if len(items) > 1:
+            raise MiniloraError(f"--target_modules {' '.join(items)}: {regex[0]!r} is a regex (it holds characters no "
+                                f"module name has), and a regex must come alone; fold the names into it")
+        return regex[0]
+    names = split_list(items)
+    if not names:
+        raise MiniloraError("--target_modules is empty; give module names (q_proj v_proj), all-linear, or a regex")
+    return "all-linear" if names == ["all-linear"] else names
 
 
 def _leaf_names(paths):

@@ -40,6 +40,7 @@ from minilora.errors import MiniloraError
 from minilora.fileio import atomic_open
 from minilora.loading import RUN_FILE, RunInfo, load_model, model_config, template_dirs
 from minilora.lora import LoraConfig, apply_lora, count_parameters, merge_and_unload, trainable_line
+from minilora.targets import split_list, target_modules_arg
 from minilora.model import GPT
 from minilora.params import format_report, parameter_report
 from minilora.progress import Progress, fmt_time, peak_memory_mb
@@ -61,14 +62,22 @@ class TrainConfig:
     lora_r: int = opt(8, "LoRA rank; 0 = full fine-tuning")
     lora_alpha: float = opt(16.0, "LoRA alpha; updates are scaled by alpha/r (alpha/sqrt(r) with --use_rslora)")
     lora_dropout: float = opt(0.0, "dropout on the LoRA branch's input")
-    target_modules: list[str] = opt(["q_proj", "v_proj"], "module names to adapt, or all-linear")
+    target_modules: list[str] = opt(["q_proj", "v_proj"], "module names to adapt (q_proj v_proj, or q_proj,v_proj), "
+                                                          "all-linear, or one regex over module paths ('.*attn\\.(q|v)_proj')")
     use_rslora: bool = opt(False, "rank-stabilised scaling alpha/sqrt(r)")
+    bias: str = opt("none", "biases that train too (and are saved with the adapter)", choices=["none", "all", "lora_only"])
+    modules_to_save: list[str] = opt([], "modules trained in full and saved with the adapter, e.g. lm_head")
+    layers_to_transform: list[str] = opt([], "block indices to adapt (0 1, or 0,1); default: every block")
+    init_lora_weights: str = opt("true", "true: kaiming A, zero B; gaussian: A ~ N(0, 1/r^2); false: both random",
+                                 choices=["true", "false", "gaussian"])
+    task_type: str = opt("CAUSAL_LM", "PEFT's task_type, written to adapter_config.json", choices=["CAUSAL_LM"])
     full_finetune: bool = opt(False, "train all weights (same as --lora_r 0)")
     # ---- data ----
-    data: Optional[str] = opt(None, "training data: a .txt file, a directory of .txt files, or a .jsonl file")
+    data: Optional[str] = opt(None, "training data: a .txt file, a directory of .txt files, or records in a .jsonl, "
+                                    ".json (an array) or .csv file")
     val_data: Optional[str] = opt(None, "held-out data (same format); default: the last --val_fraction of --data")
     val_fraction: float = opt(0.1, "share of --data held out for validation")
-    text_field: Optional[str] = opt(None, "JSONL: train on the whole text of this field (instead of prompt/completion)")
+    text_field: Optional[str] = opt(None, "records: train on the whole text of this field (instead of prompt/completion)")
     prompt_field: str = opt("prompt", "JSONL: field holding the prompt (masked out of the loss)")
     completion_field: str = opt("completion", "JSONL: field holding the completion (the loss covers it)")
     template: Optional[str] = opt(None, "JSONL: build the prompt from the line's fields, e.g. 'Q: {question} A: '")
@@ -135,6 +144,8 @@ class TrainConfig:
                 raise MiniloraError(f"--{name} must be in [0, 1), got {value}")
         if self.lr_decay_iters is not None and self.lr_decay_iters < 1:
             raise MiniloraError(f"--lr_decay_iters must be at least 1, got {self.lr_decay_iters}")
+        if self.lora:
+            lora_config(self)  # --target_modules, --layers_to_transform, ... refused now, not after the model loads
 
     @property
     def lora(self):
@@ -144,8 +155,17 @@ class TrainConfig:
 # ---- model ----------------------------------------------------------------------------------------
 
 def lora_config(cfg, base_model=None):
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.target_modules),
-                      lora_dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora, base_model_name_or_path=base_model)
+    """The LoraConfig the --lora_* / PEFT-named options describe (list options by targets' one rule)."""
+    layers = split_list(cfg.layers_to_transform)
+    bad = [x for x in layers if not x.isdigit()]
+    if bad:
+        raise MiniloraError(f"--layers_to_transform takes block indices (0 1, or 0,1), got {bad[0]!r}")
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=target_modules_arg(cfg.target_modules),
+                      lora_dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora, bias=cfg.bias,
+                      modules_to_save=split_list(cfg.modules_to_save) or None,
+                      layers_to_transform=[int(x) for x in layers] or None,
+                      init_lora_weights={"true": True, "false": False}.get(cfg.init_lora_weights, cfg.init_lora_weights),
+                      task_type=cfg.task_type, base_model_name_or_path=base_model)
 
 
 def build_model(cfg, rt):
@@ -224,7 +244,7 @@ def start_run(cfg):
 def load_data(cfg, tokenizer, block_size, rt, chat_template=None):
     """The dataset for `cfg.data`; each rank takes its own rows of every global batch."""
     if cfg.data is None:
-        raise MiniloraError("no training data: pass --data FILE (.txt, a directory of .txt files, or .jsonl)")
+        raise MiniloraError("no training data: pass --data FILE (.txt, a directory of .txt files, .jsonl, .json or .csv)")
     if cfg.block_size is not None and cfg.block_size > block_size:
         raise MiniloraError(f"--block_size {cfg.block_size} exceeds the model's context ({block_size})")
     return load_dataset(

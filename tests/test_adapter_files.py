@@ -11,7 +11,7 @@ import torch
 from minilora import GPT, GPTConfig
 from minilora.adapter_files import CONFIG_NAME, PICKLE_NAME, PREFIX, WEIGHTS_NAME, load_adapter, save_adapter
 from minilora.errors import MiniloraError
-from minilora import LoraConfig, apply_lora, lora_layers
+from minilora import LoraConfig, apply_lora, lora_layers, set_adapter
 from minilora.safetensors import SafetensorsError, load_file, read_header, save_file
 
 C, N_LAYER = 32, 2  # the "tiny" preset
@@ -318,3 +318,22 @@ def test_export_refuses_what_hf_gpt2_cannot_hold(tmp_path):
     with pytest.raises(MiniloraError, match="bias='lora_only' to HF GPT-2"):
         save_adapter(adapted(bias="lora_only"), tmp_path / "b", format="hf-gpt2")
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+
+
+def test_a_second_loaded_adapter_is_not_active_until_set(tmp_path):
+    """PEFT's semantics: load_adapter of a second adapter adds it; the first one stays in use."""
+    first = adapted()
+    save_adapter(first, tmp_path / "first")
+    torch.manual_seed(5)
+    second = apply_lora(base_model(), LoraConfig(r=2, target_modules=["v_proj", "fc_in"], init_lora_weights=False)).eval()
+    save_adapter(second, tmp_path / "second")
+
+    model = load_adapter(base_model(), tmp_path / "first", adapter_name="first")
+    load_adapter(model, tmp_path / "second", adapter_name="second")
+    assert set(model.peft_config) == {"first", "second"}
+    assert all(layer.active_adapters == ["first"] for _, layer in lora_layers(model))  # fc_in too: wrapped just now
+    assert torch.equal(logits(model), logits(first))
+    set_adapter(model, "second")
+    assert torch.equal(logits(model), logits(second))
+    load_adapter(model, tmp_path / "first", adapter_name="again", activate=True)  # the explicit switch
+    assert torch.equal(logits(model), logits(first))

@@ -288,9 +288,9 @@ def test_too_long_truncated_with_count_or_refused(tmp_path, capsys):
 
 
 def test_path_errors(tmp_path, corpus):
-    (tmp_path / "d.csv").write_text("a,b\n")
-    with pytest.raises(DataError, match=r"d\.csv: unknown data format '\.csv'"):
-        load_dataset(tmp_path / "d.csv", BYTE, 8)
+    (tmp_path / "d.parquet").write_text("a,b\n")
+    with pytest.raises(DataError, match=r"d\.parquet: unknown data format '\.parquet'"):
+        load_dataset(tmp_path / "d.parquet", BYTE, 8)
     with pytest.raises(DataError, match="no such file"):
         load_dataset(tmp_path / "missing.jsonl", BYTE, 8)
     (tmp_path / "empty.txt").write_text("")

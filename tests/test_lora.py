@@ -111,7 +111,7 @@ def test_bf16_base_weights_and_autocast():
 
 def test_disabled_and_inactive_adapters_do_no_compute():
     model = lora_tiny()
-    apply_lora(model, LoraConfig(r=2, target_modules=QV), "other")  # "other" active, "default" inactive
+    apply_lora(model, LoraConfig(r=2, target_modules=QV), "other", activate=True)  # "other" active, "default" not
     calls = []
     for _, layer in lora_layers(model):
         for name in ("default", "other"):
@@ -185,7 +185,11 @@ def test_second_adapter_shares_the_wrapped_layers():
     apply_lora(model, LoraConfig(r=3, target_modules=["q_proj", "k_proj"]), "b")
     assert model.transformer.h[0].attn.q_proj is layer and set(layer.lora_A) == {"a", "b"}
     assert set(model.transformer.h[0].attn.k_proj.lora_A) == {"b"}
-    assert set(model.peft_config) == {"a", "b"} and layer.active_adapters == ["b"]
+    # PEFT's rule: a second adapter is added, not activated; "a" stays in use and alone trains
+    assert set(model.peft_config) == {"a", "b"} and layer.active_adapters == ["a"]
+    assert model.transformer.h[0].attn.k_proj.active_adapters == ["a"]  # a layer new to "b" follows the model
+    assert count_parameters(model)[0] == 2 * 2 * 4 * (32 + 32)
+    set_adapter(model, "b")
     assert count_parameters(model)[0] == 2 * 2 * 3 * (32 + 32)  # only the active adapter trains
 
 
@@ -290,7 +294,8 @@ def test_lm_head_adapter_trains_through_the_loss_only_path():
 def two_adapters():
     model = lora_tiny("a")
     torch.manual_seed(1)
-    apply_lora(model, LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj", "fc_in"], init_lora_weights=False), "b")
+    apply_lora(model, LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj", "fc_in"], init_lora_weights=False), "b",
+               activate=True)
     return model
 
 

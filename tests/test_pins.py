@@ -336,7 +336,7 @@ def test_a_second_adapter_added_to_an_eval_model_has_its_dropout_off():
     """Bug caught: LoRALinear.add_adapter leaving its new Dropout in train mode (new modules start in train
     mode) instead of following its layer's mode."""
     model = dropout_model(first_dropout=0.0).eval()
-    apply_lora(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5), adapter_name="second")
+    apply_lora(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5), adapter_name="second", activate=True)
     assert_dropout_off_in_eval(model, "second")
 
 

@@ -31,7 +31,8 @@ def seed_everything(seed):
 
 
 # Options that decide which weights exist; resuming with different ones is a different run.
-MODEL_OPTIONS = ("init_from", "model", "lora_r", "lora_alpha", "target_modules", "use_rslora", "full_finetune")
+MODEL_OPTIONS = ("init_from", "model", "lora_r", "lora_alpha", "target_modules", "use_rslora", "full_finetune",
+                 "quantize")
 
 
 def rng_state():

@@ -2,6 +2,7 @@
 
 import copy
 import importlib
+import os
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from minilora import (GPT, GPTConfig, LoraConfig, MiniloraError, QuantizedLinear
                       generate, merge, merge_and_unload, quantize, set_adapter)
 from minilora.quantize import (DQ_BLOCK, NF4, double_dequantize, double_quantize, nf4_levels, nf4_quantize,
                                quantized_nbytes)
+from scripts import run_script_here
 
 qmod = importlib.import_module("minilora.quantize")  # the module: `minilora.quantize` is the function
 
@@ -221,3 +223,25 @@ def test_gradient_checkpointing_gives_the_same_gradients(preset, lora, dtype):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for name in grads[0]:
         assert torch.equal(grads[0][name], grads[1][name]), name
+
+
+def test_train_and_generate_scripts_with_quantize_and_gradient_checkpointing(tmp_path, capsys):
+    torch.manual_seed(0)
+    base = str(tmp_path / "base")
+    GPT(GPTConfig.from_name("tiny-llama")).save_pretrained(base)
+    (tmp_path / "corpus.txt").write_text("".join(f"line {i}: the quick brown fox {i % 7}\n" for i in range(200)))
+    out = str(tmp_path / "run")
+    code, stdout, _ = run_script_here(capsys, "train.py", "--init_from", base, "--data", str(tmp_path / "corpus.txt"),
+                                      "--out_dir", out, "--quantize", "nf4", "--gradient_checkpointing", "--max_iters",
+                                      "3", "--batch_size", "2", "--block_size", "32", "--eval_iters", "1",
+                                      "--lora_r", "4", "--target_modules", "all-linear", "--dtype", "bf16")
+    assert code == 0 and "trainable params" in stdout
+    assert os.path.isfile(os.path.join(out, "adapter_model.safetensors"))
+    for extra in ([], ["--merge"]):  # on an NF4 base; or merged in float, then the merged model quantized
+        code, stdout, err = run_script_here(capsys, "generate.py", "--adapter", out, "--init_from", base, "--quantize",
+                                            "nf4", "--prompt", "line", "--max_new_tokens", "4", "--temperature", "0",
+                                            *extra)
+        assert code == 0 and stdout.startswith("line"), err
+    code, _, err = run_script_here(capsys, "train.py", "--init_from", base, "--data", str(tmp_path / "corpus.txt"),
+                                   "--out_dir", str(tmp_path / "full"), "--quantize", "int8", "--lora_r", "0")
+    assert code == 2 and "cannot be trained in full" in err

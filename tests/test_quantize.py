@@ -9,6 +9,7 @@ import torch
 
 from minilora import (GPT, GPTConfig, LoraConfig, MiniloraError, QuantizedLinear, adapter_rows, apply_lora,
                       generate, merge, merge_and_unload, quantize, set_adapter)
+from minilora.memory import _saved_activation_bytes, memory_plan
 from minilora.quantize import (DQ_BLOCK, NF4, double_dequantize, double_quantize, nf4_levels, nf4_quantize,
                                quantized_nbytes)
 from scripts import run_script_here
@@ -245,3 +246,18 @@ def test_train_and_generate_scripts_with_quantize_and_gradient_checkpointing(tmp
     code, _, err = run_script_here(capsys, "train.py", "--init_from", base, "--data", str(tmp_path / "corpus.txt"),
                                    "--out_dir", str(tmp_path / "full"), "--quantize", "int8", "--lora_r", "0")
     assert code == 2 and "cannot be trained in full" in err
+
+
+def test_memory_planner_against_real_bytes():
+    torch.manual_seed(0)
+    config = GPTConfig.from_name("tiny-llama")
+    lora = LoraConfig(r=4, target_modules="all-linear")
+    plan = memory_plan(config, "qlora", lora, "nf4", dtype="fp32", base_dtype="fp32", batch_size=2, seq_len=16)
+    real = apply_lora(quantize(GPT(config), "nf4"), lora)
+    frozen = sum(t.numel() * t.element_size() for k, t in real.state_dict().items() if "lora_" not in k)
+    assert plan["weights"] == frozen  # packed NF4 + float embeddings/norms/head: what the state_dict holds
+    assert plan["lora"] == 4 * sum(p.numel() for p in real.parameters() if p.requires_grad) == plan["grads"]
+    saved = _saved_activation_bytes(real.train(), 2, 16, "fp32")
+    assert abs(plan["activations"] / saved - 1) < 0.1, (plan["activations"], saved)
+    assert memory_plan(GPTConfig.from_name("llama-65b"), "qlora", LoraConfig(r=8), "nf4",
+                       batch_size=1, seq_len=8)["weights"] < 48e9  # the QLoRA paper's headline: 65B on a 48 GB GPU

@@ -13,9 +13,9 @@ the widths (C, MLP width, key/value width, heads, LoRA columns: everything saved
 these)), and that function is evaluated at the real shape. With gradient checkpointing a block
 keeps only its input, and one block's activations exist again while it is recomputed.
 
-Not counted: the framework itself (CUDA context ~0.5-1 GB, or ~300 MB of Python + PyTorch on a
-CPU), allocator slack and fragmentation, and short-lived buffers (the loss's logit chunk, the
-dequantization buffer: a few MB here). README, "Memory", says how close the total came to the
+Short-lived buffers are counted at their largest (the chunked loss's copy of the head and its
+logit chunk, the dequantization buffer). Not counted: the framework itself (CUDA context
+~0.5-1 GB, or ~230 MB of Python + PyTorch on a CPU), allocator slack and fragmentation. README, "Memory", says how close the total came to the
 measured peak.
 """
 
@@ -24,7 +24,7 @@ import torch
 from minilora.config import GPTConfig
 from minilora.lora import LoraConfig, apply_lora, count_parameters
 from minilora.model import GPT
-from minilora.quantize import QuantizedLinear, quantize
+from minilora.quantize import MAX_CHUNK, QuantizedLinear, quantize
 
 METHODS = ("full", "lora", "qlora")
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -134,6 +134,20 @@ def autocast_weight_copies(model, dtype):
                and ".lora_" not in p + ".")
 
 
+def transient_bytes(config, model, dtype, tokens):
+    """The largest short-lived buffers of a step: the chunked loss's head copy and logit chunk
+    (ops.LinearCrossEntropy, which the fp32 path also keeps transposed), and the dequantization buffer."""
+    Vp, E = config.vocab_size + -config.vocab_size % 64, config.embed_dim
+    if dtype == "fp32":
+        loss = 2 * Vp * E * 4 + min(tokens, 128) * Vp * 4
+    else:
+        loss = Vp * E * 2 + min(tokens, 512) * Vp * (2 + 4)
+    # a layer is dequantized in row chunks of at most MAX_CHUNK weights
+    quantized = [min(m.in_features * m.out_features, MAX_CHUNK + m.in_features)
+                 for m in model.modules() if isinstance(m, QuantizedLinear)]
+    return loss + (max(quantized) * (4 + (0 if dtype == "fp32" else 2)) if quantized else 0)
+
+
 def memory_plan(config, method, lora_config, quant="nf4", dtype="fp32", base_dtype="fp32", batch_size=1, seq_len=512,
                 gradient_checkpointing=False):
     """Bytes of one training step's state for a method ("full", "lora" or "qlora"), as a dict."""
@@ -147,8 +161,10 @@ def memory_plan(config, method, lora_config, quant="nf4", dtype="fp32", base_dty
                 quantized=_nbytes(b for m in model.modules() if isinstance(m, QuantizedLinear) for b in m.buffers()),
                 activations=int(activation_bytes(config, method, lora_config, quant, dtype, batch_size, seq_len,
                                                  gradient_checkpointing, lora_columns(model))),
-                weight_copies=autocast_weight_copies(model, dtype))
-    plan["total_bytes"] = sum(plan[k] for k in ("weights", "lora", "grads", "optimizer", "activations", "weight_copies"))
+                weight_copies=autocast_weight_copies(model, dtype),
+                transient=transient_bytes(config, model, dtype, batch_size * seq_len))
+    plan["total_bytes"] = sum(plan[k] for k in ("weights", "lora", "grads", "optimizer", "activations", "weight_copies",
+                                                   "transient"))
     return plan
 
 
@@ -165,7 +181,8 @@ def format_plan(plans, title):
     for key, label in (("weights", "weights (frozen base, or fp32 master weights)"), ("lora", "LoRA weights (fp32)"),
                        ("grads", "gradients (fp32)"), ("optimizer", "AdamW state (2 x fp32)"),
                        ("activations", "activations (estimate)"),
-                       ("weight_copies", "bf16 copies of fp32 weights kept by autocast"), ("total_bytes", "**total**")):
+                       ("weight_copies", "bf16 copies of fp32 weights kept by autocast"),
+                       ("transient", "loss chunk + dequantization buffers"), ("total_bytes", "**total**")):
         lines.append(f"| {label} | " + " | ".join(_gb(p[key]) for p in plans) + " |")
     return "\n".join(lines)
 

@@ -3,6 +3,7 @@
     python bench.py                  # gpt2 shape (random weights): a few minutes
     python bench.py --quick          # small shapes: about a minute on 2 cores
     python bench.py --json out.json  # also write every figure as JSON (--json alone: JSON on stdout)
+    python bench.py --memory         # QLoRA and gradient checkpointing: storage, error, peak RSS, tokens/s, planner
 
 Each measurement runs in a fresh subprocess (`python bench.py --_worker NAME --_params JSON`), so
 the peak RSS it reports is that configuration's own. Timings exclude a warm-up and are the median
@@ -39,9 +40,11 @@ from minilora.errors import MiniloraError
 from minilora.fileio import atomic_open
 from minilora.generation import generate
 from minilora.lora import LoraConfig, apply_lora, merge
+from minilora.memory import memory_plan
 from minilora.model import GPT
 from minilora.ops import linear
 from minilora.progress import peak_memory_mb
+from minilora.quantize import NF4, QuantizedLinear, nf4_quantize, quantize
 from minilora.serving_bench import bench_mixed_batch, bench_server
 
 GPT2_SMALL = ("gpt2", {})
@@ -214,8 +217,141 @@ def worker_serving(p):
     return dict(batch=bench_mixed_batch(**p["batch"]), server=bench_server(**p["server"]))
 
 
+# ---- --memory: a quantized base (QLoRA) and gradient checkpointing ---------------------------------
+
+def _proc_kb(field):
+    """A /proc/self/status figure in KiB (VmRSS: now, VmHWM: the peak since the last reset)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def worker_memory_step(p):
+    """LoRA training steps on an fp32 / NF4 / int8 base, with or without checkpointing: the steps' peak RSS
+    above the bare runtime (Linux's VmHWM, reset after building), tokens/s, and the planner's estimate."""
+    warm = build(("tiny", {}), lora=True)  # load and initialise torch's kernels (oneDNN, autograd threads) first
+    warm(*[torch.randint(257, (2, 8))] * 2, loss_only=True)[1].backward()
+    del warm
+    rss0 = _proc_kb("VmRSS")  # Python + torch, before any weight
+    model = build(p["shape"])
+    if p["quantize"]:
+        quantize(model, p["quantize"])
+    apply_lora(model, LoraConfig(**LORA))
+    if p["checkpointing"]:
+        model.gradient_checkpointing_enable()
+    model.train()
+    V, B, T = model.config.vocab_size, p["batch"], p["seq"]
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(V, (B, T), generator=g), torch.randint(V, (B, T), generator=g)
+    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=p["dtype"] == "bf16"):
+            _, loss = model(x, y, loss_only=True)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM: building the fp32 model before quantizing it is not the step's memory
+    seconds = timed(step, p["repeats"])
+    peak_mb = (_proc_kb("VmHWM") - rss0) / 1024
+    plan = memory_plan(model.config, "qlora" if p["quantize"] else "lora", LoraConfig(**LORA), p["quantize"] or "nf4",
+                       dtype=p["dtype"], base_dtype="fp32", batch_size=B, seq_len=T,
+                       gradient_checkpointing=p["checkpointing"])
+    return dict(peak_mb=peak_mb, tokens_per_s=B * T / seconds, plan_mb=plan["total_bytes"] / 2**20,
+                plan=plan, runtime_mb=rss0 / 1024)
+
+
+def worker_quant_error(p):
+    """Storage of the quantized linears against their fp32 bytes, and NF4's error against 4-bit absmax integers."""
+    out = {}
+    for method in ("nf4", "int8"):
+        with torch.device("meta"):
+            model = GPT(GPTConfig.from_name(p["preset"]))
+        fp32 = sum(m.weight.numel() * 4 for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))
+        quantize(model, method)
+        out[f"{method}_storage_ratio"] = sum(m.nbytes() for m in model.modules() if isinstance(m, QuantizedLinear)) / fp32
+    w = torch.randn(p["n"], p["n"], generator=torch.Generator().manual_seed(0)) * 0.02  # Gaussian, like pretrained weights
+    codes, absmax = nf4_quantize(w, 64)
+    idx = torch.stack([codes >> 4, codes & 15], 1).view(-1).long()
+    nf4 = (NF4[idx].view(-1, 64) * absmax[:, None]).view(w.shape)
+    blocks = w.view(-1, 64)
+    step = blocks.abs().amax(1, keepdim=True) / 7  # symmetric 4-bit integers -7..7, the same absmax per block of 64
+    int4 = (torch.round(blocks / step) * step).view(w.shape)
+    for name, q in (("nf4", nf4), ("int4_absmax", int4)):
+        out[f"{name}_rmse"] = (q - w).pow(2).mean().sqrt().item()
+        out[f"{name}_relative_error"] = ((q - w).norm() / w.norm()).item()
+    return out
+
+
+def worker_decode(p):
+    """Batch-1 greedy decoding tokens/s on an fp32 vs a quantized base."""
+    model = build(p["shape"]).eval()
+    if p["quantize"]:
+        quantize(model, p["quantize"])
+    prompt = torch.randint(model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    generate(model, prompt, 4, temperature=0)  # warm-up
+    out = generate(model, prompt, p["tokens"], temperature=0)
+    return dict(decode_tokens_per_s=out.stats.decode_tokens_per_s)
+
+
+MEMORY_RUNS = {  # name: (worker, params); the issue's targets are ratios of these
+    "quant_error": ("quant_error", dict(preset="gpt2", n=1024)),
+    "medium_fp32": ("memory_step", dict(shape=("gpt2-medium", {}), batch=1, seq=256, quantize=None, checkpointing=False,
+                                        dtype="fp32", repeats=2)),
+    "medium_nf4": ("memory_step", dict(shape=("gpt2-medium", {}), batch=1, seq=256, quantize="nf4", checkpointing=False,
+                                       dtype="fp32", repeats=2)),
+    "gpt2_lora": ("memory_step", dict(shape=("gpt2", {}), batch=8, seq=256, quantize=None, checkpointing=False,
+                                      dtype="fp32", repeats=2)),
+    "gpt2_lora_ckpt": ("memory_step", dict(shape=("gpt2", {}), batch=8, seq=256, quantize=None, checkpointing=True,
+                                           dtype="fp32", repeats=2)),
+    "gpt2_nf4": ("memory_step", dict(shape=("gpt2", {}), batch=8, seq=256, quantize="nf4", checkpointing=False,
+                                     dtype="fp32", repeats=2)),
+    "small_lora": ("memory_step", dict(shape=("gpt2", dict(n_layer=4, n_head=4, n_embd=256)), batch=4, seq=128,
+                                       quantize=None, checkpointing=False, dtype="fp32", repeats=2)),
+    "small_nf4": ("memory_step", dict(shape=("gpt2", dict(n_layer=4, n_head=4, n_embd=256)), batch=4, seq=128,
+                                      quantize="nf4", checkpointing=False, dtype="fp32", repeats=2)),
+    "decode_fp32": ("decode", dict(shape=("gpt2", {}), quantize=None, tokens=32)),
+    "decode_nf4": ("decode", dict(shape=("gpt2", {}), quantize="nf4", tokens=32)),
+    "decode_int8": ("decode", dict(shape=("gpt2", {}), quantize="int8", tokens=32)),
+}
+
+
+def memory_bench():
+    """Run MEMORY_RUNS and print the issue's targets against what was measured (timings: noisy on a shared machine)."""
+    r = {name: run_worker(kind, params, name) for name, (kind, params) in MEMORY_RUNS.items()}
+    e = r["quant_error"]
+    lines = [f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} (shared: timings are noisy)",
+             "| figure | measured | target |", "|---|---:|---:|",
+             f"| NF4 + double quant storage / fp32 (gpt2 linears) | {e['nf4_storage_ratio']:.4f}x | <= 0.135x |",
+             f"| int8 storage / fp32 | {e['int8_storage_ratio']:.4f}x | <= 0.26x |",
+             f"| relative error on N(0, 0.02) 1024x1024: NF4 vs 4-bit absmax int | {e['nf4_relative_error']:.4f} vs "
+             f"{e['int4_absmax_relative_error']:.4f} | NF4 lower |",
+             f"| peak RSS of a LoRA step, gpt2-medium 1x256: NF4 / fp32 base | {r['medium_nf4']['peak_mb']:,.0f} / "
+             f"{r['medium_fp32']['peak_mb']:,.0f} MiB = {r['medium_nf4']['peak_mb'] / r['medium_fp32']['peak_mb']:.2f}x "
+             "| <= 0.5x |",
+             f"| gradient checkpointing, gpt2 8x256 LoRA: peak RSS | {r['gpt2_lora_ckpt']['peak_mb']:,.0f} / "
+             f"{r['gpt2_lora']['peak_mb']:,.0f} MiB = {r['gpt2_lora_ckpt']['peak_mb'] / r['gpt2_lora']['peak_mb']:.2f}x "
+             "| <= 0.6x |",
+             f"| gradient checkpointing, gpt2 8x256 LoRA: tokens/s | {r['gpt2_lora_ckpt']['tokens_per_s']:,.0f} / "
+             f"{r['gpt2_lora']['tokens_per_s']:,.0f} = {r['gpt2_lora_ckpt']['tokens_per_s'] / r['gpt2_lora']['tokens_per_s']:.2f}x "
+             "| >= 0.7x |",
+             f"| LoRA training tokens/s, gpt2 8x256: NF4 / fp32 base | {r['gpt2_nf4']['tokens_per_s']:,.0f} / "
+             f"{r['gpt2_lora']['tokens_per_s']:,.0f} = {r['gpt2_nf4']['tokens_per_s'] / r['gpt2_lora']['tokens_per_s']:.2f}x | report |",
+             f"| decode tokens/s, gpt2 batch 1: fp32 / NF4 / int8 | {r['decode_fp32']['decode_tokens_per_s']:.1f} / "
+             f"{r['decode_nf4']['decode_tokens_per_s']:.1f} / {r['decode_int8']['decode_tokens_per_s']:.1f} | report |"]
+    for name in ("small_lora", "small_nf4", "gpt2_lora", "gpt2_lora_ckpt", "gpt2_nf4", "medium_fp32", "medium_nf4"):
+        m = r[name]
+        lines.append(f"| planner vs measured peak RSS above the runtime, {name} | {m['plan_mb']:,.0f} vs {m['peak_mb']:,.0f} MiB "
+                     f"({100 * (m['plan_mb'] / m['peak_mb'] - 1):+.0f}%) | within ~15% |")
+    print("\n".join(lines))
+    return r
+
+
 WORKERS = {"ceilings": worker_ceilings, "train": worker_train, "generation": worker_generation,
-           "prefill": worker_prefill, "serving": worker_serving}
+           "prefill": worker_prefill, "serving": worker_serving, "memory_step": worker_memory_step,
+           "quant_error": worker_quant_error, "decode": worker_decode}
 
 
 # ---- the parent: run the workers, then print and save ---------------------------------------------
@@ -417,6 +553,7 @@ def main():
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small shapes, about a minute on 2 cores")
     size.add_argument("--smoke", action="store_true", help="tiny shapes, seconds: only for the test suite")
+    size.add_argument("--memory", action="store_true", help="QLoRA and gradient checkpointing figures (minutes)")
     parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
                         help="write the results as JSON to PATH (no PATH: JSON on stdout, the table on stderr)")
     parser.add_argument("--_worker", choices=WORKERS, help=argparse.SUPPRESS)
@@ -424,6 +561,12 @@ def main():
     args = parser.parse_args()
     if args._worker:
         print(json.dumps(WORKERS[args._worker](json.loads(args._params))))
+        return
+    if args.memory:
+        res = memory_bench()
+        if args.json:
+            with atomic_open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
         return
     mode = "smoke" if args.smoke else "quick" if args.quick else "default"
     res = measure(mode)

@@ -4,6 +4,7 @@
     python generate.py --adapter out/sql --prompt "list all users" --temperature 0   # base read from the adapter
     python generate.py --init_from out/base --adapter out/sql --merge --stream
     python generate.py --init_from scratch:gpt2 --max_new_tokens 128 --temperature 0 --no-cache  # speed check
+    python generate.py --adapter out/sql --quantize nf4 --prompt "list all users"   # a QLoRA adapter on a 4-bit base
 
 --init_from takes a directory (HF layout of GPT-2, OPT, Llama, Mistral or Qwen2, or a train.py output dir: a LoRA one brings its
 base and adapter), a hub name such as gpt2 (downloaded once), or random weights: a preset that
@@ -21,7 +22,8 @@ from minilora.cli import DTYPE_CHOICES, dtype_name, main_guard, opt, parse_args,
 from minilora.errors import MiniloraError
 from minilora.generation import generate, stream_generate
 from minilora.loading import adapter_base, load_model
-from minilora.lora import merge
+from minilora.lora import merge, merge_and_unload
+from minilora.quantize import quantize
 from minilora.tokenizer import get_tokenizer
 
 
@@ -32,6 +34,8 @@ class Args:
                                       "default: the base named by --adapter")
     adapter: str | None = opt(None, "a PEFT-format LoRA adapter directory to apply")
     merge: bool = opt(False, "fold the adapter into the weights before generating (faster; same tokens)")
+    quantize: str | None = opt(None, "store the base's linear weights in 4-bit NF4 or int8 (after --merge, if given)",
+                               choices=["nf4", "int8"])
     prompt: str = opt("", "prompt text; empty = start of a document (<|endoftext|>)")
     prompt_file: str | None = opt(None, "read the prompt from this file instead")
     num_samples: int = opt(1, "samples to draw, generated as one batch")
@@ -72,6 +76,8 @@ def main(argv=None):
                             f"if it moved, pass it with --init_from)") from None
     if args.merge:
         merge(model, safe_merge=True)
+    if args.quantize:  # a merged adapter is part of the weights then: quantize the plain merged model
+        quantize(merge_and_unload(model) if args.merge else model, args.quantize)
     model.to(device=args.device, dtype=parse_dtype(args.dtype))
     tok = get_tokenizer(model.config.tokenizer)
 

@@ -23,6 +23,7 @@ from minilora.cli import main_guard, opt, parse_args
 from minilora.errors import MiniloraError
 from minilora.loading import load_model, template_dirs
 from minilora.openai_server import App, Server
+from minilora.quantize import quantize
 from minilora.registry import AdapterRegistry
 from minilora.serving import Engine
 from minilora.tokenizer import get_tokenizer
@@ -51,6 +52,8 @@ class ServeArgs:
     max_model_len: int | None = opt(None, "prompt + completion tokens per sequence (default: the model's block_size)")
     enable_runtime_lora_updating: bool = opt(False, "allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter")
     allowed_lora_dir: list[str] = opt([], "directories runtime-loaded adapters must lie in (required with the above)")
+    quantize: str | None = opt(None, "store the base's linear weights in 4-bit NF4 (QLoRA) or int8; adapters stay fp32",
+                               choices=["nf4", "int8"])
     device: str = opt("cpu", "cpu, cuda, cuda:1, mps, ...")
     threads: int | None = opt(None, "torch CPU threads (default: torch's choice)")
     verbose: bool = opt(False, "log every HTTP request")
@@ -97,6 +100,8 @@ def main(argv=None):
         raise MiniloraError(f"{args.init_from} is a LoRA run directory; serve its base with --init_from and the "
                             f"adapter with --lora-modules NAME={args.init_from}")
     model.to(args.device)
+    if args.quantize:
+        quantize(model, args.quantize)
     registry = AdapterRegistry(model, args.max_loras, args.max_cpu_loras, args.max_lora_rank)
     for name, path in adapters.items():
         registry.add(name, path)

@@ -10,6 +10,7 @@ from minilora.chat import ChatTemplate, chat_tokens, load_chat_template
 from minilora.config import GPTConfig
 from minilora.errors import MiniloraError
 from minilora.model import GPT
+from minilora.quantize import QuantizedLinear, dequantize_model  # quantize() itself: minilora.quantize.quantize
 from minilora.lora import (BASE_ADAPTER, LoraConfig, LoRALinear, apply_lora, count_parameters, lora_layers, merge,
                            merge_and_unload, print_trainable_parameters, unmerge)
 from minilora.adapters import (adapter_rows, add_weighted_adapter, delete_adapter, disable_adapter, row_adapters,
@@ -19,11 +20,11 @@ from minilora.generation import generate, stream_generate
 from minilora.tokenizer import get_tokenizer
 
 __all__ = ["BASE_ADAPTER", "ChatTemplate", "GPT", "GPTConfig", "LoRALinear", "LoraConfig", "MiniloraError",
-           "PeftModel", "SFTTrainer", "TrainingArguments", "adapter_rows", "add_weighted_adapter", "apply_lora",
-           "chat_tokens", "count_parameters", "delete_adapter", "disable_adapter", "generate", "generate_ids",
-           "get_peft_model", "get_tokenizer", "load_adapter", "load_chat_template", "lora_layers", "merge",
-           "merge_and_unload", "print_trainable_parameters", "read_adapter", "row_adapters", "save_adapter",
-           "set_adapter", "stream_generate", "unmerge"]
+           "PeftModel", "QuantizedLinear", "SFTTrainer", "TrainingArguments", "adapter_rows", "add_weighted_adapter",
+           "apply_lora", "chat_tokens", "count_parameters", "delete_adapter", "dequantize_model", "disable_adapter",
+           "generate", "generate_ids", "get_peft_model", "get_tokenizer", "load_adapter", "load_chat_template",
+           "lora_layers", "merge", "merge_and_unload", "print_trainable_parameters", "read_adapter", "row_adapters",
+           "save_adapter", "set_adapter", "stream_generate", "unmerge"]
 
 # PEFT/TRL's names (minilora.peft_api) bring the whole training stack (trainer, data, params); loaded on first
 # use so `import minilora` stays light and `python -m minilora.params` is not imported twice (runpy warns).

@@ -32,7 +32,7 @@ def seed_everything(seed):
 
 # Options that decide which weights exist; resuming with different ones is a different run.
 MODEL_OPTIONS = ("init_from", "model", "lora_r", "lora_alpha", "target_modules", "use_rslora", "full_finetune", "bias",
-                 "modules_to_save", "layers_to_transform", "init_lora_weights")
+                 "modules_to_save", "layers_to_transform", "init_lora_weights", "quantize")
 
 
 def rng_state():

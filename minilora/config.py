@@ -148,6 +148,9 @@ PRESETS = {
     "smollm2-135m": dict(_LLAMA, n_layer=30, n_head=9, n_kv_head=3, n_embd=576, intermediate_size=1536,
                          vocab_size=49152, block_size=8192, rope_theta=100000.0, tie_word_embeddings=True,
                          tokenizer="byte"),
+    # LLaMA 65B (Touvron et al. 2023, Table 2): the QLoRA paper's headline model, for memory arithmetic.
+    "llama-65b": dict(**_LLAMA, n_layer=80, n_head=64, n_embd=8192, intermediate_size=22016, vocab_size=32000,
+                      block_size=2048, tokenizer="byte"),
     "tinyllama-1.1b": dict(**_LLAMA, n_layer=22, n_head=32, n_kv_head=4, n_embd=2048, intermediate_size=5632,
                            vocab_size=32000, block_size=2048, tokenizer="byte"),
     # Tiny CPU sizes for tests and demos; byte-level vocabulary so they train from scratch.

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from minilora.errors import MiniloraError
+from minilora.quantize import QuantizedLinear, dequantize_model
 from minilora.targets import find_modules, find_targets
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -143,9 +144,11 @@ class LoRALinear(nn.Module):
             raise MiniloraError(f"adapter {name!r} already exists in this layer; delete it first or choose another name")
         if not _is_int(r) or r <= 0:
             raise MiniloraError(f"LoRA rank must be a positive int, got {r!r}")
-        w = self.base_layer.weight
-        # fp32 even for a bf16/fp16 base: A and B are small, and low precision would swallow small updates
-        kw = dict(bias=False, device=w.device, dtype=torch.promote_types(w.dtype, torch.float32))
+        base = self.base_layer
+        ref = base if isinstance(base, QuantizedLinear) else base.weight  # a quantized weight has no .weight
+        device, dtype = ref.device, ref.dtype
+        # fp32 even for a bf16/fp16 (or 4-bit) base: A and B are small, and low precision would swallow small updates
+        kw = dict(bias=False, device=device, dtype=torch.promote_types(dtype, torch.float32))
         self.lora_A[name] = nn.Linear(self.in_features, r, **kw)  # nn.Linear's own init: kaiming_uniform(a=sqrt(5))
         self.lora_B[name] = nn.Linear(r, self.out_features, **kw)
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
@@ -299,6 +302,11 @@ def activate_adapters(model, names):
 
 # ---- merging -------------------------------------------------------------------------------------
 
+QUANTIZED_MERGE = ("cannot merge into {path}'s {method} base: the merged weight would be rounded to the {method} grid "
+                   "again, an error as large as the quantization itself and larger than most adapters' updates; "
+                   "merge_and_unload(model) dequantizes to fp32 first and returns a float model")
+
+
 def _tied(model):
     """Ids of parameters that more than one module owns (GPT-2's lm_head.weight is transformer.wte.weight)."""
     seen, tied = set(), set()
@@ -319,6 +327,9 @@ def merge(model, safe_merge=False, adapter_names=None):
         if unknown:
             raise MiniloraError(f"unknown adapter(s) {unknown}; this model has: {', '.join(known) or 'none'}")
     layers = list(lora_layers(model))
+    for path, layer in layers:
+        if layer.to_merge(adapter_names) and isinstance(layer.base_layer, QuantizedLinear):
+            raise MiniloraError(QUANTIZED_MERGE.format(path=path, method=layer.base_layer.method))
     tied = _tied(model)
     for path, layer in layers:
         if layer.to_merge(adapter_names) and id(layer.base_layer.weight) in tied:
@@ -341,8 +352,17 @@ def unmerge(model):
 
 
 def merge_and_unload(model, safe_merge=False):
-    """Merge the active adapters and return the plain GPT (same object): only base keys, all trainable."""
+    """Merge the active adapters and return the plain GPT (same object): only base keys, all trainable.
+
+    A quantized base (minilora.quantize) is dequantized to fp32 first, the merge is done there, and
+    each layer returns to the float dtype it had before quantization: a plain float model, as PEFT
+    users get from a QLoRA run before deploying it.
+    """
+    dtypes = {p: q.dtype for p, q in model.named_modules() if isinstance(q, QuantizedLinear)}
+    dequantize_model(model, torch.float32)
     merge(model, safe_merge=safe_merge)
+    for path, dtype in dtypes.items():
+        model.get_submodule(path).to(dtype)
     for path, layer in list(lora_layers(model)):
         set_module(model, path, layer.base_layer)
     del model.peft_config

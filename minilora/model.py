@@ -14,6 +14,7 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from minilora.config import GPTConfig
 from minilora.errors import MiniloraError
@@ -224,6 +225,7 @@ class GPT(nn.Module):
         parts["ln_f"] = norm(config) if config.pre_norm else nn.Identity()
         self.transformer = nn.ModuleDict(parts)
         self.lm_head = Linear(E, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False  # see gradient_checkpointing_enable
         if config.tie_word_embeddings:
             self.transformer.wte.weight = self.lm_head.weight  # tied, as in GPT-2: counted once
         if self.lm_head.weight.is_meta:
@@ -241,6 +243,19 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def gradient_checkpointing_enable(self):
+        """Recompute each block's activations in the backward pass instead of keeping them (HF's name).
+
+        Training keeps one (B, T, C) tensor per block instead of ~20, for one more forward per
+        step. torch.utils.checkpoint's non-reentrant form: the gradients are the same as without
+        (the RNG is replayed, so dropout masks match), it needs no input that requires grad (so
+        LoRA on a frozen embedding works), and it composes with autocast and DDP.
+        """
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self):
+        self.gradient_checkpointing = False
 
     def num_parameters(self):
         """All parameters, tied ones counted once (parameters() already deduplicates)."""
@@ -297,8 +312,12 @@ class GPT(nn.Module):
             angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B or 1, 1, T, hs): both halves of each pair
             rope = angles.cos(), angles.sin()
         x = tr.drop(x)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in tr.h:
-            x = block(x, attn_mask, cache_pos, cache_rows, rope)
+            if recompute:  # keep only each block's input; its insides are recomputed in the backward
+                x = checkpoint(block, x, attn_mask, cache_pos, cache_rows, rope, use_reentrant=False)
+            else:
+                x = block(x, attn_mask, cache_pos, cache_rows, rope)
         x = tr.ln_f(x)
         return tr.project_out(x) if "project_out" in tr else x  # (B, T, E)
 

@@ -6,6 +6,8 @@ second and no memory. Reproduces the LoRA paper's counts:
     python -m minilora.params --model gpt2 --r 8 --target_modules q_proj v_proj
     python -m minilora.params --model linear4096 --r 8       # the single 4096x4096 matrix
     python -m minilora.params --table                        # the README's table, as markdown
+    python -m minilora.params --memory --model llama2-7b --r 8 --quantize nf4 --batch_size 1 --seq_len 512
+                                                             # what a training step needs (minilora.memory)
 
 `parameter_report` is importable and side-effect free (train.py --dry_run reuses it).
 """
@@ -19,6 +21,7 @@ from minilora.cli import main_guard, opt, parse_args
 from minilora.config import PRESETS, GPTConfig
 from minilora.errors import MiniloraError
 from minilora.lora import LoraConfig, apply_lora, count_parameters, trainable_line
+from minilora.memory import plan_table
 from minilora.model import GPT
 from minilora.targets import target_modules_arg
 
@@ -122,6 +125,14 @@ class Args:
                                                           "or one regex over module paths")
     bias: str = opt("none", "which biases train too", choices=["none", "all", "lora_only"])
     table: bool = opt(False, "print the README's parameter-savings table (markdown) instead")
+    memory: bool = opt(False, "print the memory of a training step for full fine-tuning, LoRA and QLoRA instead")
+    quantize: str = opt("nf4", "--memory: the QLoRA column's base format", choices=["nf4", "int8"])
+    gradient_checkpointing: bool = opt(False, "--memory: recompute activations in the backward pass")
+    batch_size: int = opt(1, "--memory: rows per step")
+    seq_len: int = opt(512, "--memory: tokens per row")
+    dtype: str = opt("bf16", "--memory: compute dtype (bf16 = autocast, as on a GPU)", choices=["fp32", "bf16"])
+    base_dtype: str = opt("bf16", "--memory: dtype of a frozen float base (train.py keeps fp32; PEFT users bf16)",
+                          choices=["fp32", "bf16"])
 
 
 def main(argv=None):
@@ -130,6 +141,16 @@ def main(argv=None):
         print(format_table())
         return
     targets = target_modules_arg(args.target_modules)  # train.py's rule: names, q_proj,v_proj, all-linear or a regex
+    if args.memory:
+        config = build_meta_model(args.model).config if args.model != LINEAR4096 else None
+        if config is None:
+            raise MiniloraError("--memory needs a GPT preset, not linear4096")
+        lora = LoraConfig(r=args.r, lora_alpha=args.r, target_modules=targets)
+        _, table = plan_table(config, lora, args.quantize, args.dtype, args.base_dtype, args.batch_size, args.seq_len,
+                              args.gradient_checkpointing, title=f"{args.model}, r={args.r}, {args.batch_size}x{args.seq_len}"
+                              + (", checkpointing" if args.gradient_checkpointing else ""))
+        print(table)
+        return
     if args.model == LINEAR4096 and targets == ["q_proj", "v_proj"]:
         targets = ["proj"]  # the default targets name GPT modules; the bare matrix has only this one
     config = LoraConfig(r=args.r, lora_alpha=args.r, bias=args.bias, target_modules=targets)

@@ -5,6 +5,7 @@
     python -m minilora.quickstart --target_modules q_proj v_proj   # the LoRA paper's setting (see 2.)
     python -m minilora.quickstart --quick        # a few steps of everything (what CI runs)
     python -m minilora.quickstart --arch llama   # the same with a Llama-shaped base (RoPE, RMSNorm, SwiGLU, GQA)
+    python -m minilora.quickstart --quantize nf4 --tasks sql   # QLoRA: the same LoRA on a 4-bit NF4 base
 
 1. Pretrain a tiny byte-level GPT from scratch on Python's own documentation (tasks.stdlib_corpus).
    It lands in out_dir/base and a later run with the same settings reuses it.
@@ -73,6 +74,8 @@ class Args:
                                                     "setting), or all-linear")
     tasks: list[str] = opt([], f"tasks to fine-tune ({', '.join(TASKS)}); default: sql and dates, or sql alone "
                                "with --lora_r 0")
+    quantize: str | None = opt(None, "fine-tune on a base quantized to nf4 (QLoRA) or int8; its figures go to "
+                                     "results_nf4.json and a row of the comparison table", choices=["nf4", "int8"])
     arch: str = opt("gpt2", "base architecture: gpt2 (learned positions, LayerNorm, GELU) or llama (rotary "
                             "positions, RMSNorm, SwiGLU, grouped-query attention); llama defaults to "
                             "--model small-llama and --out_dir out/quickstart-llama")
@@ -105,6 +108,8 @@ class Args:
             raise MiniloraError(f"unknown task(s) {unknown}; known tasks: {', '.join(TASKS)}")
         if self.lora_r < 0:
             raise MiniloraError(f"--lora_r must be >= 0 (0 = full fine-tuning), got {self.lora_r}")
+        if self.quantize and self.lora_r == 0:
+            raise MiniloraError(f"--quantize {self.quantize} freezes the base; it needs LoRA, not --lora_r 0")
         for name in ("pretrain_iters", "pretrain_batch_size", "n_train", "n_val"):
             if getattr(self, name) < 1:
                 raise MiniloraError(f"--{name} must be at least 1, got {getattr(self, name)}")
@@ -218,7 +223,7 @@ def finetune(args, task, paths):
     """Fine-tune one task on the base; runs in its own process and returns the measured figures."""
     t_start = time.time()
     full = args.lora_r == 0
-    name = f"{task}-full" if full else task
+    name = f"{task}-full" if full else f"{task}-{args.quantize}" if args.quantize else task
     run_dir = os.path.join(paths["runs"], name)
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time: this is a demo, not a resumable job
     lr = args.learning_rate or (1e-3 if full else 5e-3)
@@ -228,7 +233,7 @@ def finetune(args, task, paths):
                       val_data=paths[task + "_val"], out_dir=run_dir, max_iters=steps,
                       batch_size=args.batch_size or TASK_SETTINGS[task]["batch_size"], learning_rate=lr,
                       warmup_iters=min(20, steps // 10), eval_interval=0, eval_iters=4, log_interval=max(1, steps // 10),
-                      checkpoint_interval=steps, eval_examples=0, seed=args.seed)
+                      checkpoint_interval=steps, eval_examples=0, seed=args.seed, quantize=args.quantize)
     with start_run(cfg) as run:  # train.py's pipeline; accuracy is scored before and after, not during
         model, dataset, rt = run.model, run.dataset, run.rt
         trainable, total = print_trainable_parameters(model)
@@ -247,10 +252,13 @@ def finetune(args, task, paths):
         preds = greedy_completions(model, tok, [ex["prompt"] for ex in shown], max_new)
         examples = [{"prompt": ex["prompt"], "completion": ex["completion"], "generated": p}
                     for ex, p in zip(shown, preds)]
-        frozen = total - trainable
-        return {"task": task, "method": "full" if full else f"lora r={args.lora_r} {'/'.join(args.target_modules)}",
+        # fp32 weights + gradients + AdamW's two moments for the trainable, the stored bytes of the frozen
+        frozen_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad) + \
+            sum(b.numel() * b.element_size() for b in model.buffers())
+        method = "full" if full else f"lora r={args.lora_r} {'/'.join(args.target_modules)}"
+        return {"task": task, "method": f"q{method} ({args.quantize} base)" if args.quantize else method,
                 "trainable_params": trainable, "total_params": total,
-                "train_state_bytes": 16 * trainable + 4 * frozen,
+                "train_state_bytes": 16 * trainable + frozen_bytes,
                 "base_accuracy": base_acc, "accuracy": acc, "val_loss": result.val_loss,
                 "steps": result.iter_num, "train_s": result.elapsed, "tokens_per_sec": result.tokens_per_sec,
                 "peak_rss_mb": result.peak_memory_mb, "wall_s": time.time() - t_start,
@@ -297,23 +305,23 @@ def report(r, paths):
 
 
 def comparison_table(out):
-    """A Markdown table of the 'sql' runs in out/results_{lora,full}.json, once both exist."""
+    """A Markdown table of the 'sql' runs in out/results_{lora,full,nf4,int8}.json, once two exist."""
     rows = []
-    for kind in ("lora", "full"):
+    for kind in ("lora", "nf4", "int8", "full"):
         path = os.path.join(out, f"results_{kind}.json")
         if not os.path.isfile(path):
-            return None
+            continue
         with open(path, encoding="utf-8") as f:
             run = json.load(f)
         r = next((r for r in run["finetune"] if r["task"] == "sql"), None)
         if r is None:
-            return None
+            continue
         rows.append(f"| {r['method']} | {r['trainable_params']:,d} ({100 * r['trainable_params'] / r['total_params']:.2f}%) "
                     f"| {r['peak_rss_mb']:,.0f} MiB / {fmt_bytes(r['train_state_bytes'])} "
                     f"| {r['tokens_per_sec']:,.0f} | {r['train_s']:.0f} s | {r['base_accuracy']:.1%} -> {r['accuracy']:.1%} |")
     head = ("| method | trainable params | peak RSS (measured) / training state (computed) | tokens/s "
             "| training time | held-out exact match (base -> tuned) |\n|---|---|---|---|---|---|")
-    return "\n".join([head] + rows)
+    return "\n".join([head] + rows) if len(rows) >= 2 else None
 
 
 def main(argv=None):
@@ -339,7 +347,7 @@ def main(argv=None):
         print(f"example: {train_ex[0]['prompt']!r} -> {train_ex[0]['completion']!r}")
         r = in_fresh_process(finetune, args, task, paths)
         if args.lora_r:
-            r["adapter_dir"] = os.path.join(out, "adapters", task)
+            r["adapter_dir"] = os.path.join(out, "adapters", f"{task}-{args.quantize}" if args.quantize else task)
             publish_adapter(r["run_dir"], r["adapter_dir"])
         results.append(r)
 
@@ -348,13 +356,14 @@ def main(argv=None):
         print(report(r, paths))
     total = time.time() - t0
     # one file per method, so a --lora_r 0 run does not overwrite the LoRA figures it is compared with
-    results_path = os.path.join(out, f"results_{'full' if args.lora_r == 0 else 'lora'}.json")
+    kind = "full" if args.lora_r == 0 else args.quantize or "lora"
+    results_path = os.path.join(out, f"results_{kind}.json")
     with atomic_open(results_path, "w") as f:
         json.dump({"args": dataclasses.asdict(args), "pretrain": pre, "finetune": results, "wall_s": total}, f, indent=2)
         f.write("\n")
     table = comparison_table(out)
     if table:
-        print("\nLoRA vs full fine-tuning on 'sql' (from this out_dir's results_*.json):\n" + table)
+        print("\nthe methods on 'sql' (from this out_dir's results_*.json):\n" + table)
     print(f"\nquickstart done in {total / 60:.1f} min; figures in {results_path}")
     return results
 

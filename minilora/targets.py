@@ -2,6 +2,7 @@
 
     find_targets(model, ["q_proj", "v_proj"])   -> ["transformer.h.0.attn.q_proj", ...]
     find_targets(model, "all-linear")           -> every nn.Linear but the output head
+A quantized linear (minilora.quantize) counts as an nn.Linear.
 A name that matches nothing is an error listing the names that exist (typos never pass silently).
 
 On the command line (every script, one rule: target_modules_arg): `q_proj v_proj`, `q_proj,v_proj`
@@ -15,6 +16,7 @@ import re
 import torch.nn as nn
 
 from minilora.errors import MiniloraError
+from minilora.quantize import QuantizedLinear
 
 _BLOCK = re.compile(r"transformer\.h\.(\d+)\.")  # a module path inside block i of GPT
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+")  # what a module path (or all-linear) can hold
@@ -54,7 +56,7 @@ def find_targets(model, target_modules, layers_to_transform=None):
     # a wrapped layer (it has a base_layer) counts once, under its own path
     wrapped = {id(m.base_layer) for _, m in model.named_modules() if hasattr(m, "base_layer")}
     linears = [p for p, m in model.named_modules()
-               if hasattr(m, "base_layer") or isinstance(m, nn.Linear) and id(m) not in wrapped]
+               if hasattr(m, "base_layer") or isinstance(m, (nn.Linear, QuantizedLinear)) and id(m) not in wrapped]
     candidates, where = linears, ""
     if layers_to_transform is not None:
         block = {p: int(m.group(1)) for p in linears if (m := _BLOCK.match(p))}

@@ -44,6 +44,7 @@ from minilora.targets import split_list, target_modules_arg
 from minilora.model import GPT
 from minilora.params import format_report, parameter_report
 from minilora.progress import Progress, fmt_time, peak_memory_mb
+from minilora.quantize import quantize
 from minilora.runtime import autocast_context, cleanup, setup_runtime
 from minilora.tasks import exact_match_accuracy
 from minilora.tokenizer import get_tokenizer
@@ -72,6 +73,8 @@ class TrainConfig:
                                  choices=["true", "false", "gaussian"])
     task_type: str = opt("CAUSAL_LM", "PEFT's task_type, written to adapter_config.json", choices=["CAUSAL_LM"])
     full_finetune: bool = opt(False, "train all weights (same as --lora_r 0)")
+    quantize: Optional[str] = opt(None, "store the frozen base in 4-bit NF4 (QLoRA, with double quantization) or int8; "
+                                        "LoRA only", choices=["nf4", "int8"])
     # ---- data ----
     data: Optional[str] = opt(None, "training data: a .txt file, a directory of .txt files, or records in a .jsonl, "
                                     ".json (an array) or .csv file")
@@ -115,6 +118,8 @@ class TrainConfig:
     dtype: str = opt("auto", "fp32, bf16 (CPU and CUDA), fp16 (CUDA, with GradScaler); auto = bf16 on CUDA if supported, else fp32",
                      choices=["auto", "fp32", "bf16", "fp16"])
     compile: bool = opt(False, "torch.compile the model")
+    gradient_checkpointing: bool = opt(False, "recompute each block's activations in the backward pass: far less "
+                                              "activation memory for one more forward per step")
     seed: int = opt(1337, "random seed (model init, LoRA init, data order, dropout)")
 
     def __post_init__(self):
@@ -146,6 +151,9 @@ class TrainConfig:
             raise MiniloraError(f"--lr_decay_iters must be at least 1, got {self.lr_decay_iters}")
         if self.lora:
             lora_config(self)  # --target_modules, --layers_to_transform, ... refused now, not after the model loads
+        if self.quantize and not self.lora:
+            raise MiniloraError(f"--quantize {self.quantize} freezes the base in low precision, so it cannot be trained "
+                                "in full; use LoRA (--lora_r > 0) on it, or drop --quantize")
 
     @property
     def lora(self):
@@ -186,6 +194,10 @@ def build_model(cfg, rt):
             model = merge_and_unload(model)  # full training continues from base + adapter folded in
         model.requires_grad_(True)
     model.to(device=rt.device, dtype=torch.float32)  # master weights stay fp32; autocast does the rest
+    if cfg.quantize:  # QLoRA: the frozen base in 4 (or 8) bits, the adapter in fp32
+        quantize(model, cfg.quantize)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
     model.train()
     return model, RunInfo("lora" if cfg.lora else "full", base, model.config.tokenizer)
 

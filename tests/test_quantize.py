@@ -1,0 +1,262 @@
+"""A 4-bit / 8-bit frozen base (minilora.quantize), LoRA on top of it (QLoRA), and gradient checkpointing."""
+
+import copy
+import os
+
+import pytest
+import torch
+
+from minilora import (GPT, GPTConfig, LoraConfig, MiniloraError, QuantizedLinear, adapter_rows, apply_lora,
+                      generate, merge, merge_and_unload, quantize, set_adapter)
+from minilora.memory import _saved_activation_bytes, memory_plan
+from minilora.quantize import (DQ_BLOCK, NF4, double_dequantize, double_quantize, nf4_levels, nf4_quantize,
+                               quantized_nbytes)
+from scripts import run_script_here
+
+import minilora.quantize as qmod  # the module (its quantize() is not re-exported: `minilora.quantize` stays the module)
+
+# The QLoRA paper's NF4 values (appendix E), as bitsandbytes' kernels hold them.
+PAPER_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+             -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+             0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+             0.7229568362236023, 1.0]
+
+
+def linear_layer(out_f, in_f, seed=0, bias=True):
+    torch.manual_seed(seed)
+    layer = torch.nn.Linear(in_f, out_f, bias=bias)
+    with torch.no_grad():
+        layer.weight.normal_(0, 0.02)
+        layer.weight[0, :5] = torch.tensor([0.3, -0.2, 0.0, 1e-9, -0.25])  # outliers and an exact zero in block 0
+    return layer
+
+
+def reference_nf4(w, block_size, absmax=None):
+    """Blockwise absmax + nearest NF4 level, written out the slow way. -> (values, ambiguous mask)."""
+    flat = w.detach().reshape(-1).double()
+    n = flat.numel()
+    blocks = torch.cat([flat, flat.new_zeros(-n % block_size)]).view(-1, block_size)
+    true_absmax = blocks.abs().amax(1, keepdim=True)
+    dist = (blocks / true_absmax.clamp(min=1e-30))[..., None].sub(torch.tensor(PAPER_NF4).double()).abs()  # (nb, bs, 16)
+    code = dist.argmin(-1)
+    two = dist.sort(-1).values
+    ambiguous = (two[..., 1] - two[..., 0]) < 1e-6  # within float rounding of a decision boundary
+    scale = true_absmax if absmax is None else absmax.double()[:, None]
+    values = torch.tensor(PAPER_NF4).double()[code] * scale
+    return values.view(-1)[:n].view(w.shape), ambiguous.view(-1)[:n].view(w.shape)
+
+
+def test_nf4_table_is_the_papers():
+    assert NF4.tolist() == [torch.tensor(v).item() for v in PAPER_NF4]  # the same float32 bits
+    torch.testing.assert_close(nf4_levels().float(), NF4, atol=1e-7, rtol=0)  # and how they were derived
+    assert NF4[7] == 0 and (NF4.diff() > 0).all() and len(NF4) == 16
+
+
+@pytest.mark.parametrize("shape", [(48, 40), (33, 7)])  # whole blocks, and a padded last block
+def test_nf4_dequantize_equals_blockwise_absmax_nearest_level(shape):
+    layer = linear_layer(*shape)
+    q = QuantizedLinear.from_linear(layer, "nf4", double_quant=False, block_size=64)
+    ref, ambiguous = reference_nf4(layer.weight, 64)
+    got = q.dequantize()
+    assert got.dtype == torch.float32 and got.shape == shape
+    assert ambiguous.sum() <= 2
+    torch.testing.assert_close(got[~ambiguous].double(), ref[~ambiguous], atol=1e-7, rtol=1e-6)
+    assert got[0, 2] == 0  # zero is a level: an exact zero stays exact
+    # two codes per byte, the first in the high nibble; one fp32 absmax per block of 64
+    codes, _ = nf4_quantize(layer.weight, 64)
+    first = int((NF4 - layer.weight[0, 0] / layer.weight.abs().flatten()[:64].max()).abs().argmin())
+    assert int(codes[0]) >> 4 == first == 15
+    assert q.weight_nf4.dtype == torch.uint8 and q.weight_nf4.numel() == -(-shape[0] * shape[1] // 64) * 32
+    assert q.absmax.numel() == -(-shape[0] * shape[1] // 64)
+
+
+def test_double_quantized_absmax_is_within_its_bound_and_storage_is_4_127_bits():
+    layer = linear_layer(256, 160, bias=False)  # 640 blocks: 3 double-quant blocks, the last one partial
+    plain = QuantizedLinear.from_linear(layer, "nf4", double_quant=False)
+    dq = QuantizedLinear.from_linear(layer, "nf4", double_quant=True)
+    absmax = plain.absmax
+    q, scale, offset = double_quantize(absmax)
+    assert q.dtype == torch.int8 and scale.numel() == -(-absmax.numel() // DQ_BLOCK)
+    err = (double_dequantize(q, scale, offset) - absmax).abs()
+    bound = scale.repeat_interleave(DQ_BLOCK)[:absmax.numel()] / 2  # half a step: max|absmax - mean| / 254
+    assert (err <= bound * (1 + 1e-5) + 1e-9).all() and err.max() > 0
+    # the weights come back as the levels times the double-quantized absmax
+    ref, ambiguous = reference_nf4(layer.weight, 64, double_dequantize(q, scale, offset))
+    torch.testing.assert_close(dq.dequantize()[~ambiguous].double(), ref[~ambiguous], atol=1e-7, rtol=1e-6)
+    bits = 8 * dq.nbytes() / layer.weight.numel()
+    assert dq.nbytes() == quantized_nbytes(256, 160, "nf4", True) and 4.127 < bits < 4.13
+    assert 8 * plain.nbytes() / layer.weight.numel() == 4.5
+
+
+def test_int8_is_per_output_channel_absmax():
+    layer = linear_layer(24, 40)
+    q = QuantizedLinear.from_linear(layer, "int8")
+    w = layer.weight.detach()
+    scale = w.abs().amax(1, keepdim=True) / 127
+    torch.testing.assert_close(q.dequantize(), torch.round(w / scale) * scale, atol=1e-7, rtol=1e-6)
+    assert q.weight_int8.dtype == torch.int8 and q.nbytes() == quantized_nbytes(24, 40, "int8") == 24 * 40 + 4 * 24
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_forward_backward_equal_the_dequantized_linear_in_chunks(method, monkeypatch):
+    layer = linear_layer(40, 48)
+    q = QuantizedLinear.from_linear(layer, method)
+    w = q.dequantize()
+    x = torch.randn(3, 5, 48, requires_grad=True)
+    y = q(x)
+    y.square().sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = torch.nn.functional.linear(x_ref, w, layer.bias)
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(qmod, "MAX_CHUNK", 64 * 3)  # row chunks of whole blocks: same numbers
+    x.grad = None
+    y2 = q(x)
+    y2.square().sum().backward()
+    torch.testing.assert_close(y2, y, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", torch.bfloat16):  # computes in the activation (autocast) dtype
+        assert q(x).dtype == torch.bfloat16
+
+
+def test_state_dict_holds_the_packed_storage_and_loads_back():
+    torch.manual_seed(0)
+    m = quantize(GPT(GPTConfig.from_name("tiny")), "nf4")
+    sd = m.state_dict()
+    assert sd["transformer.h.0.attn.q_proj.weight_nf4"].dtype == torch.uint8
+    assert sd["transformer.h.0.attn.q_proj.absmax_q"].dtype == torch.int8
+    assert not any(k.endswith("q_proj.weight") for k in sd) and "lm_head.weight" in sd  # the head stays float
+    fresh = quantize(GPT(GPTConfig.from_name("tiny")), "nf4")
+    fresh.load_state_dict(sd, strict=True)
+    x = torch.randint(0, 257, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(fresh(x)[0], m(x)[0])
+        m.to(torch.bfloat16)  # the scales stay fp32; only the compute dtype follows
+        layer = m.transformer.h[0].attn.q_proj
+        assert layer.absmax_scale.dtype == torch.float32 and layer.dtype == torch.bfloat16
+        torch.testing.assert_close(m(x)[0].float(), fresh(x)[0], atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
+def test_qlora_trains_and_merges_into_a_float_model(preset):
+    torch.manual_seed(0)
+    m = quantize(GPT(GPTConfig.from_name(preset)), "nf4")
+    apply_lora(m, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    assert isinstance(m.transformer.h[0].attn.q_proj.base_layer, QuantizedLinear)
+    assert all("lora_" in n for n, p in m.named_parameters() if p.requires_grad)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    x, y = torch.randint(0, 257, (4, 16)), torch.randint(0, 257, (4, 16))
+    losses = []
+    for _ in range(8):
+        _, loss = m(x, y, loss_only=True)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
+    m.eval()
+    with pytest.raises(MiniloraError, match="cannot merge into .* nf4 base.*merge_and_unload"):
+        merge(m)
+    with torch.no_grad():
+        unmerged = m(x, all_logits=True)[0]
+        plain = merge_and_unload(m)
+        torch.testing.assert_close(plain(x, all_logits=True)[0], unmerged, atol=2e-5, rtol=1e-5)
+    assert not any(isinstance(mod, QuantizedLinear) for mod in plain.modules())
+    GPT(GPTConfig.from_name(preset)).load_state_dict(plain.state_dict(), strict=True)  # a normal checkpoint
+
+
+def test_qlora_generation_cache_and_mixed_adapter_rows():
+    torch.manual_seed(0)
+    m = quantize(GPT(GPTConfig.from_name("tiny-llama")), "nf4")
+    for name, seed in (("a", 1), ("b", 2)):
+        apply_lora(m, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]), name)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if f"lora_B.{name}" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    m.eval()
+    prompts = [[1, 2, 3, 4], [9, 8, 7, 6]]
+    cached = generate(m, prompts, 6, temperature=0, adapter_names=["a", "b"])
+    fresh = generate(m, prompts, 6, temperature=0, adapter_names=["a", "b"], use_cache=False)
+    assert cached.tokens == fresh.tokens
+    x = torch.tensor(prompts)
+    with torch.no_grad(), adapter_rows(m, ["b", "a"]):
+        mixed = m(x, all_logits=True)[0]
+    for i, name in enumerate(["b", "a"]):
+        set_adapter(m, name)
+        with torch.no_grad():
+            torch.testing.assert_close(mixed[i], m(x[i:i + 1], all_logits=True)[0][0], atol=1e-5, rtol=1e-5)
+
+
+def test_quantize_refusals_and_after_apply_lora():
+    torch.manual_seed(0)
+    base = GPT(GPTConfig.from_name("tiny"))
+    with pytest.raises(MiniloraError, match="method must be one of nf4, int8"):
+        quantize(copy.deepcopy(base), "fp4")
+    m = apply_lora(copy.deepcopy(base), LoraConfig(r=2))
+    quantize(m, "int8")  # after apply_lora: the base layers are quantized, A and B are not
+    layer = m.transformer.h[0].attn.q_proj
+    assert isinstance(layer.base_layer, QuantizedLinear) and isinstance(layer.lora_A["default"], torch.nn.Linear)
+    with pytest.raises(MiniloraError, match="no nn.Linear to quantize"):
+        quantize(m)
+
+
+@pytest.mark.parametrize("preset,lora,dtype", [("tiny", True, torch.float32), ("tiny", False, torch.bfloat16),
+                                               ("tiny-llama", True, torch.bfloat16), ("tiny-llama", False, torch.float32)])
+def test_gradient_checkpointing_gives_the_same_gradients(preset, lora, dtype):
+    torch.manual_seed(0)
+    m = GPT(GPTConfig.from_name(preset, dropout=0.1))  # dropout: the recomputation must replay the same masks
+    if lora:
+        apply_lora(quantize(m, "nf4"), LoraConfig(r=4, target_modules="all-linear"))
+    x, y = torch.randint(0, 257, (2, 16)), torch.randint(0, 257, (2, 16))
+    grads = []
+    for on in (False, True):
+        m.gradient_checkpointing_enable() if on else m.gradient_checkpointing_disable()
+        m.zero_grad()
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype, enabled=dtype != torch.float32):
+            _, loss = m(x, y, loss_only=True)
+        loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name
+
+
+def test_train_and_generate_scripts_with_quantize_and_gradient_checkpointing(tmp_path, capsys):
+    torch.manual_seed(0)
+    base = str(tmp_path / "base")
+    GPT(GPTConfig.from_name("tiny-llama")).save_pretrained(base)
+    (tmp_path / "corpus.txt").write_text("".join(f"line {i}: the quick brown fox {i % 7}\n" for i in range(200)))
+    out = str(tmp_path / "run")
+    code, stdout, _ = run_script_here(capsys, "train.py", "--init_from", base, "--data", str(tmp_path / "corpus.txt"),
+                                      "--out_dir", out, "--quantize", "nf4", "--gradient_checkpointing", "--max_iters",
+                                      "3", "--batch_size", "2", "--block_size", "32", "--eval_iters", "1",
+                                      "--lora_r", "4", "--target_modules", "all-linear", "--dtype", "bf16")
+    assert code == 0 and "trainable params" in stdout
+    assert os.path.isfile(os.path.join(out, "adapter_model.safetensors"))
+    for extra in ([], ["--merge"]):  # on an NF4 base; or merged in float, then the merged model quantized
+        code, stdout, err = run_script_here(capsys, "generate.py", "--adapter", out, "--init_from", base, "--quantize",
+                                            "nf4", "--prompt", "line", "--max_new_tokens", "4", "--temperature", "0",
+                                            *extra)
+        assert code == 0 and stdout.startswith("line"), err
+    code, _, err = run_script_here(capsys, "train.py", "--init_from", base, "--data", str(tmp_path / "corpus.txt"),
+                                   "--out_dir", str(tmp_path / "full"), "--quantize", "int8", "--lora_r", "0")
+    assert code == 2 and "cannot be trained in full" in err
+
+
+def test_memory_planner_against_real_bytes():
+    torch.manual_seed(0)
+    config = GPTConfig.from_name("tiny-llama")
+    lora = LoraConfig(r=4, target_modules="all-linear")
+    plan = memory_plan(config, "qlora", lora, "nf4", dtype="fp32", base_dtype="fp32", batch_size=2, seq_len=16)
+    real = apply_lora(quantize(GPT(config), "nf4"), lora)
+    frozen = sum(t.numel() * t.element_size() for k, t in real.state_dict().items() if "lora_" not in k)
+    assert plan["weights"] == frozen  # packed NF4 + float embeddings/norms/head: what the state_dict holds
+    assert plan["lora"] == 4 * sum(p.numel() for p in real.parameters() if p.requires_grad) == plan["grads"]
+    saved = _saved_activation_bytes(real.train(), 2, 16, "fp32")
+    assert abs(plan["activations"] / saved - 1) < 0.1, (plan["activations"], saved)
+    assert memory_plan(GPTConfig.from_name("llama-65b"), "qlora", LoraConfig(r=8), "nf4",
+                       batch_size=1, seq_len=8)["weights"] < 48e9  # the QLoRA paper's headline: 65B on a 48 GB GPU

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from minilora import (GPT, GPTConfig, LoraConfig, MiniloraError, QuantizedLinear, adapter_rows, apply_lora,
-                      generate, merge, merge_and_unload, quantize, set_adapter)
+                      generate, merge, merge_and_unload, set_adapter)
 from minilora.memory import _saved_activation_bytes, memory_plan
 from minilora.quantize import (DQ_BLOCK, NF4, double_dequantize, double_quantize, nf4_levels, nf4_quantize,
-                               quantized_nbytes)
+                               quantize, quantized_nbytes)
 from scripts import run_script_here
 
 import minilora.quantize as qmod  # the module (its quantize() is not re-exported: `minilora.quantize` stays the module)

@@ -12,10 +12,11 @@ from minilora.lora import (BASE_ADAPTER, LoraConfig, LoRALinear, apply_lora, cou
 from minilora.adapters import (adapter_rows, add_weighted_adapter, delete_adapter, disable_adapter, row_adapters,
                                set_adapter)
 from minilora.adapter_files import load_adapter, read_adapter, save_adapter
+from minilora.analysis import amplification_factor, spectrum, subspace_similarity
 from minilora.generation import generate, stream_generate
 from minilora.tokenizer import get_tokenizer
 
 __all__ = ["BASE_ADAPTER", "GPT", "GPTConfig", "LoRALinear", "LoraConfig", "MiniloraError", "adapter_rows",
-           "add_weighted_adapter", "apply_lora", "count_parameters", "delete_adapter", "disable_adapter", "generate",
+           "add_weighted_adapter", "amplification_factor", "apply_lora", "count_parameters", "delete_adapter", "disable_adapter", "generate",
            "get_tokenizer", "load_adapter", "lora_layers", "merge", "merge_and_unload", "print_trainable_parameters",
-           "read_adapter", "row_adapters", "save_adapter", "set_adapter", "stream_generate", "unmerge"]
+           "read_adapter", "row_adapters", "save_adapter", "set_adapter", "spectrum", "stream_generate", "subspace_similarity", "unmerge"]

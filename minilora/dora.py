@@ -23,6 +23,8 @@ The functions here work on tensors and on a LoRALinear's attributes; minilora.lo
 import torch
 import torch.nn.functional as F
 
+from minilora.errors import MiniloraError
+
 
 def _fp32(t):
     return t.to(torch.promote_types(t.dtype, torch.float32))
@@ -65,3 +67,11 @@ def merge(weight32, delta, magnitude):
 def unmerge(weight32, delta, magnitude, n):
     """Undo merge with the norm it used: W = W' / (m/n) − ΔW (exact up to fp32 rounding)."""
     return weight32 / (magnitude.detach() / n)[:, None] - delta
+
+
+def check_merge(path, names, magnitudes):
+    """A DoRA adapter merges alone: m/‖W + ΔW‖ rescales whatever W holds, so beside others it would be another W."""
+    dora_names = [n for n in names if n in magnitudes]
+    if dora_names and len(names) > 1:
+        raise MiniloraError(f"DoRA adapter {dora_names[0]!r} merges only alone, and {path} would hold "
+                            f"{', '.join(names)}; merge one adapter at a time (or merge_and_unload a copy)")

@@ -361,6 +361,8 @@ def merge(model, safe_merge=False, adapter_names=None):
         if layer.to_merge(adapter_names) and id(layer.base_layer.weight) in tied:
             raise MiniloraError(f"{path}'s weight is tied to another module (GPT-2's lm_head is transformer.wte); "
                                 f"merging would change both, so keep this adapter unmerged")
+    for path, layer in layers:
+        dora.check_merge(path, layer.merged_adapters + layer.to_merge(adapter_names), layer.lora_magnitude_vector)
     if safe_merge:  # check all layers before writing any, so a bad adapter leaves the whole model unchanged
         for path, layer in layers:
             names = layer.to_merge(adapter_names)

@@ -152,5 +152,7 @@ def test_refusals(tmp_path):
     apply_lora(model, LoraConfig(r=4, target_modules=["q_proj"]), "plain")
     with pytest.raises(MiniloraError, match="cannot combine DoRA"):
         add_weighted_adapter(model, ["default", "plain"], [1, 1], "both", combination_type="cat")
+    with pytest.raises(MiniloraError, match="DoRA adapter 'default' merges only alone"):
+        merge(model, adapter_names=["default", "plain"])
     with pytest.raises(MiniloraError, match="cannot export a DoRA adapter to HF GPT-2"):
         save_adapter(model, tmp_path / "hf", format="hf-gpt2")

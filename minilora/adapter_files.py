@@ -5,6 +5,7 @@ An adapter directory is what PEFT's save_pretrained writes, so either library re
     adapter_config.json          LoraConfig.to_peft_dict(): r, lora_alpha, target_modules, ...
     adapter_model.safetensors    base_model.model.<module path>.lora_A.weight   (r, in)
                                  base_model.model.<module path>.lora_B.weight   (out, r)
+                                 base_model.model.<module path>.lora_magnitude_vector   (out,)  DoRA only
                                  (+ biases per `bias`, + modules_to_save parameters by their own names)
 
 The adapter name is not in the keys (PEFT strips it), so one file loads under any name. Only the
@@ -77,6 +78,8 @@ def adapter_state_dict(model, adapter_name="default"):
         if adapter_name in layer.lora_A:
             out[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A[adapter_name].weight
             out[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+            if adapter_name in layer.lora_magnitude_vector:  # PEFT's file key has no ".weight"
+                out[f"{PREFIX}{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name]
             if config.bias == "lora_only" and layer.base_layer.bias is not None:
                 out[f"{PREFIX}{path}.base_layer.bias"] = layer.base_layer.bias
     if config.bias == "all":  # as in PEFT: every bias of the model is trained, so every one is saved
@@ -102,7 +105,7 @@ def peft_config_dict(config):
         "init_lora_weights": config.init_lora_weights,
         "layers_to_transform": None if config.layers_to_transform is None else list(config.layers_to_transform),
         "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "megatron_config": None,
-        "megatron_core": "megatron.core", "loftq_config": {}, "use_dora": False, "layer_replication": None,
+        "megatron_core": "megatron.core", "loftq_config": {}, "use_dora": config.use_dora, "layer_replication": None,
     }
 
 
@@ -115,7 +118,7 @@ def config_from_peft(d):
         raise MiniloraError(f"adapter config must be a JSON object, got {type(d).__name__}")
     if d.get("peft_type", "LORA") != "LORA":
         raise MiniloraError(f"adapter config has peft_type {d['peft_type']!r}; minilora loads only LORA adapters")
-    for key in ("use_dora", "lora_bias", "rank_pattern", "alpha_pattern", "layer_replication", "loftq_config",
+    for key in ("lora_bias", "rank_pattern", "alpha_pattern", "layer_replication", "loftq_config",
                 "megatron_config", "exclude_modules", "trainable_token_indices"):
         # each of these changes the model PEFT builds; loading it as plain LoRA would be silently wrong
         if d.get(key) not in (None, False, {}, []):
@@ -197,6 +200,9 @@ def read_adapter(model, adapter_dir, *, allow_pickle=False, expected_base=None, 
     shapes, read, wpath = _open_weights(os.fspath(adapter_dir), allow_pickle)
     hf = any(_HF_NAME.search(k) for k in shapes)
     if hf:
+        if raw.get("use_dora"):  # c_attn's magnitude covers k rows that a q/v adapter leaves at ‖W_k‖: not converted
+            raise MiniloraError(f"{where}: DoRA adapters of HF GPT-2 (fused c_attn) are not converted; "
+                                f"load it with PEFT, merge it, and use the merged model")
         plan = _hf_plan(shapes, wpath)  # our key -> (file key, rows of it)
         raw = _hf_config(raw, plan, model.config.n_layer, where)
     else:
@@ -492,6 +498,9 @@ def _to_hf_gpt2(model, adapter_name, config, tensors, peft):
     if model.config.family != "gpt2":
         raise MiniloraError(f"format {HF_GPT2!r} is for GPT-2 models; on this {model.config.model_type} model the "
                             "default format 'peft' already uses the HF module names PEFT and vLLM load")
+    if config.use_dora:
+        raise MiniloraError("cannot export a DoRA adapter to HF GPT-2 (c_attn would need a magnitude for rows it "
+                            "does not adapt); save it with format='peft'")
     if config.bias != "none":
         raise MiniloraError(f"cannot export bias={config.bias!r} to HF GPT-2 (c_attn's bias is fused); use bias='none'")
     blocks = {}

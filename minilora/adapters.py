@@ -97,6 +97,10 @@ def add_weighted_adapter(model, adapters, weights, adapter_name, combination_typ
                             f"and {len(weights)} weights")
     if combination_type not in ("linear", "cat"):
         raise MiniloraError(f"combination_type must be 'linear' or 'cat', got {combination_type!r}")
+    dora = [a for a in adapters if model.peft_config[a].use_dora]
+    if dora:
+        raise MiniloraError(f"add_weighted_adapter cannot combine DoRA adapter(s) {', '.join(dora)} (each rescales "
+                            f"W by its own magnitude); merge them one at a time instead")
     ranks = [model.peft_config[a].r for a in adapters]
     if combination_type == "linear":
         if len(set(ranks)) > 1:
@@ -177,7 +181,7 @@ class RowAdapters:
         slot = self.row_slot
         if self.single is not None:  # one adapter for the whole batch: the plain path at its own rank
             name = self.single
-            return result + layer.lora_update(x, name).to(result.dtype) if name in layer.lora_A else result
+            return result + layer.lora_update(x, name, result).to(result.dtype) if name in layer.lora_A else result
         A, B, col_slot, present = self._stacked(layer)
         use = (slot >= 0) & present[slot.clamp(min=0)]  # (B,) rows with an update in this layer
         if not bool(use.any()):
@@ -228,6 +232,10 @@ def adapter_rows(model, adapter_names, *, slots=None, pad_rank=None):
     device = next(model.parameters()).device
     row_slot = torch.tensor([-1 if n == BASE_ADAPTER else slots.index(n) for n in names], device=device)
     single = names[0] if pad_rank is None and len(set(names)) == 1 and names[0] != BASE_ADAPTER else None
+    dora = sorted({n for n in names if n != BASE_ADAPTER and model.peft_config[n].use_dora})
+    if dora and single is None:  # the stacked kernel has no place for DoRA's per-row magnitude (PEFT refuses too)
+        raise MiniloraError(f"DoRA adapter(s) {', '.join(dora)} cannot share a mixed-adapter batch; run them in a "
+                            f"batch of their own, or merge_and_unload a copy of the model")
     with _set_on_layers(model, "rows", RowAdapters(slots, row_slot, pad_rank, single)):
         yield model
 

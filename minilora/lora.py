@@ -22,6 +22,8 @@ about 1e-2 in bf16 and 1e-3 in fp16 (the merged weight itself is rounded; the ad
 modules_to_save: the named modules are trained in place (not copied per adapter), so they are
 shared by every adapter and are not undone by disable_adapter/delete_adapter. GPT-2's lm_head
 is tied to transformer.wte: saving lm_head trains the input embedding too (one tensor).
+
+DoRA (use_dora=True) adds a trained magnitude per output row; its math is minilora.dora.
 """
 
 import math
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from minilora import dora
 from minilora.errors import MiniloraError
 from minilora.quantize import QuantizedLinear, dequantize_model
 from minilora.targets import find_modules, find_targets
@@ -52,6 +55,7 @@ class LoraConfig:
     modules_to_save: list[str] | None = None
     task_type: str | None = None  # accepted and stored for PEFT compatibility
     base_model_name_or_path: str | None = None
+    use_dora: bool = False  # DoRA (Liu et al. 2024): a trained magnitude per output row (minilora.dora)
 
     def __post_init__(self):
         def bad(name, want):
@@ -79,8 +83,9 @@ class LoraConfig:
             bad("lora_dropout", "a probability in [0, 1)")
         if self.bias not in BIAS_MODES:
             bad("bias", f"one of {', '.join(BIAS_MODES)}")
-        if not isinstance(self.use_rslora, bool):
-            bad("use_rslora", "a bool")
+        for name in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "a bool")
         if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights == "gaussian"):
             bad("init_lora_weights", "True, False or 'gaussian' (PEFT's other schemes are not implemented)")
         if _is_int(self.layers_to_transform):
@@ -126,6 +131,8 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.ModuleDict()  # name -> Linear(in, r): weight (r, in)
         self.lora_B = nn.ModuleDict()  # name -> Linear(r, out): weight (out, r)
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only: name -> m, (out,)
+        self.dora_norms = {}  # DoRA adapters merged: the ‖W + ΔW‖ they were merged with, for unmerge
         self.r, self.lora_alpha, self.scaling = {}, {}, {}
         self.active_adapters = []  # applied in forward, in this order
         self.merged_adapters = []  # already folded into base_layer.weight, so skipped in forward
@@ -138,13 +145,17 @@ class LoRALinear(nn.Module):
         """The frozen base weight, as PEFT exposes it: code reading e.g. lm_head.weight.device keeps working."""
         return self.base_layer.weight
 
-    def add_adapter(self, name, r, lora_alpha, lora_dropout=0.0, use_rslora=False, init_lora_weights=True):
+    def add_adapter(self, name, r, lora_alpha, lora_dropout=0.0, use_rslora=False, init_lora_weights=True,
+                    use_dora=False):
         check_adapter_name(name)
         if name in self.lora_A:
             raise MiniloraError(f"adapter {name!r} already exists in this layer; delete it first or choose another name")
         if not _is_int(r) or r <= 0:
             raise MiniloraError(f"LoRA rank must be a positive int, got {r!r}")
         base = self.base_layer
+        if use_dora and isinstance(base, QuantizedLinear):  # its norm would need the whole float W at every step
+            raise MiniloraError("DoRA on a quantized base is not supported; use plain LoRA on it (QLoRA), "
+                                "or DoRA on a float base")
         ref = base if isinstance(base, QuantizedLinear) else base.weight  # a quantized weight has no .weight
         device, dtype = ref.device, ref.dtype
         # fp32 even for a bf16/fp16 (or 4-bit) base: A and B are small, and low precision would swallow small updates
@@ -159,28 +170,39 @@ class LoRALinear(nn.Module):
             nn.init.normal_(self.lora_A[name].weight, std=1 / r)
         if init_lora_weights:  # B = 0: the update starts at exactly zero, so training starts at the base model
             nn.init.zeros_(self.lora_B[name].weight)
+        if use_dora:  # m = ‖W + s B A‖ per row: with B = 0, W' = W, so training starts at the base model
+            with torch.no_grad():
+                m = dora.weight_norm(base.weight, self.delta_weight(name))
+            self.lora_magnitude_vector[name] = nn.Parameter(m.to(kw["dtype"]))
 
     def delete_adapter(self, name):
         for d in (self.lora_A, self.lora_B, self.lora_dropout):
             del d[name]  # the ModuleDict held the model's only reference: freed unless e.g. an optimizer keeps one
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
         for d in (self.r, self.lora_alpha, self.scaling):
             d.pop(name)
         self.active_adapters = [n for n in self.active_adapters if n != name]
 
-    def lora_update(self, x, name):
-        """scaling * B(A(dropout(x))) for one adapter: the low-rank path, computed in the adapter's dtype."""
-        A = self.lora_A[name]
-        return self.lora_B[name](A(self.lora_dropout[name](x.to(A.weight.dtype)))) * self.scaling[name]
+    def lora_update(self, x, name, base=None):
+        """What adapter `name` adds to base = base_layer(x), in the adapter's dtype: scaling * B(A(dropout(x)))
+        for LoRA; for DoRA that rescaled by m/‖W + ΔW‖ plus the change to W x (dora.update, which reuses `base`)."""
+        A, drop = self.lora_A[name], self.lora_dropout[name]
+        xd = drop(x.to(A.weight.dtype))
+        out = self.lora_B[name](A(xd)) * self.scaling[name]
+        if name in self.lora_magnitude_vector:
+            out = dora.update(self, name, xd, out, base, dropped=self.training and not isinstance(drop, nn.Identity))
+        return out
 
     def forward(self, x):
-        result = self.base_layer(x)
+        base = result = self.base_layer(x)
         if self.rows is not None:  # one batch, an adapter per row (adapters.adapter_rows)
             return self.rows.forward(self, x, result)
         if self.disable_adapters:
             return result  # disabled adapters cost nothing: no low-rank compute at all
         for name in self.active_adapters:
             if name in self.lora_A and name not in self.merged_adapters:
-                result = result + self.lora_update(x, name).to(result.dtype)
+                result = result + self.lora_update(x, name, base).to(result.dtype)
         return result
 
     # ---- merging ---------------------------------------------------------------------------------
@@ -193,25 +215,46 @@ class LoRALinear(nn.Module):
         names = self.active_adapters if adapter_names is None else adapter_names
         return [n for n in names if n in self.lora_A and n not in self.merged_adapters]
 
+    def merge_into(self, w32, names):
+        """(w32 with the adapters folded in one after another, {DoRA adapter: the norm it used}), in fp32."""
+        norms = {}
+        with torch.no_grad():
+            for n in names:
+                if n in self.lora_magnitude_vector:
+                    w32, norms[n] = dora.merge(w32, self.delta_weight(n), self.lora_magnitude_vector[n])
+                else:
+                    w32 = w32 + self.delta_weight(n)
+        return w32, norms
+
     def merged_weight(self, names):
-        """W + sum of the adapters' deltas, in fp32 and cast once to W's dtype, computed on a copy."""
+        """W with the adapters folded in, in fp32 and cast once to W's dtype, computed on a copy."""
         w = self.base_layer.weight
-        return (_fp32(w) + sum(self.delta_weight(n) for n in names)).to(w.dtype)
+        return self.merge_into(_fp32(w), names)[0].to(w.dtype)
 
     def merge(self, adapter_names=None):
         """Fold adapters (default: the active ones) into base_layer.weight; merging twice is a no-op."""
         names = self.to_merge(adapter_names)
         if names:
+            w = self.base_layer.weight
+            merged, norms = self.merge_into(_fp32(w), names)
             with torch.no_grad():
-                self.base_layer.weight.copy_(self.merged_weight(names))
+                w.copy_(merged.to(w.dtype))
+            self.dora_norms.update(norms)
             self.merged_adapters += names
 
     def unmerge(self):
+        """Take the merged adapters out again, last merged first (DoRA divides by the factor it multiplied by)."""
         if not self.merged_adapters:
             return
         w = self.base_layer.weight
         with torch.no_grad():
-            w.copy_((_fp32(w) - sum(self.delta_weight(n) for n in self.merged_adapters)).to(w.dtype))
+            w32 = _fp32(w)
+            for n in reversed(self.merged_adapters):
+                if n in self.dora_norms:
+                    w32 = dora.unmerge(w32, self.delta_weight(n), self.lora_magnitude_vector[n], self.dora_norms.pop(n))
+                else:
+                    w32 = w32 - self.delta_weight(n)
+            w.copy_(w32.to(w.dtype))
         self.merged_adapters = []
 
 
@@ -265,7 +308,7 @@ def apply_lora(model, config, adapter_name="default", *, activate=None):
             layer.train(model.training)
             set_module(model, path, layer)
         layer.add_adapter(adapter_name, config.r, config.lora_alpha, config.lora_dropout,
-                          config.use_rslora, config.init_lora_weights)
+                          config.use_rslora, config.init_lora_weights, config.use_dora)
     if activate is None:
         activate = not before  # a second adapter never silently replaces the one in use
     model.peft_config = {**configs, adapter_name: config}
@@ -288,6 +331,8 @@ def activate_adapters(model, names):
             if name in layer.lora_A:
                 layer.lora_A[name].requires_grad_(True)
                 layer.lora_B[name].requires_grad_(True)
+                if name in layer.lora_magnitude_vector:
+                    layer.lora_magnitude_vector[name].requires_grad_(True)
                 if model.peft_config[name].bias == "lora_only" and layer.base_layer.bias is not None:
                     layer.base_layer.bias.requires_grad_(True)
     for name in names:
@@ -335,6 +380,8 @@ def merge(model, safe_merge=False, adapter_names=None):
         if layer.to_merge(adapter_names) and id(layer.base_layer.weight) in tied:
             raise MiniloraError(f"{path}'s weight is tied to another module (GPT-2's lm_head is transformer.wte); "
                                 f"merging would change both, so keep this adapter unmerged")
+    for path, layer in layers:
+        dora.check_merge(path, layer.merged_adapters + layer.to_merge(adapter_names), layer.lora_magnitude_vector)
     if safe_merge:  # check all layers before writing any, so a bad adapter leaves the whole model unchanged
         for path, layer in layers:
             names = layer.to_merge(adapter_names)

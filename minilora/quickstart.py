@@ -6,6 +6,8 @@
     python -m minilora.quickstart --quick        # a few steps of everything (what CI runs)
     python -m minilora.quickstart --arch llama   # the same with a Llama-shaped base (RoPE, RMSNorm, SwiGLU, GQA)
     python -m minilora.quickstart --quantize nf4 --tasks sql   # QLoRA: the same LoRA on a 4-bit NF4 base
+    python -m minilora.quickstart --tasks sql --use_dora               # DoRA: a row of its own in the table
+    python -m minilora.quickstart --tasks sql --loraplus_lr_ratio 16   # LoRA+: lora_B learns 16x faster
 
 1. Pretrain a tiny byte-level GPT from scratch on Python's own documentation (tasks.stdlib_corpus).
    It lands in out_dir/base and a later run with the same settings reuses it.
@@ -43,6 +45,7 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -50,6 +53,7 @@ from minilora.cli import main_guard, opt, parse_args
 from minilora.errors import MiniloraError
 from minilora.fileio import atomic_directory, atomic_open
 from minilora.lora import print_trainable_parameters
+from minilora.plot import plot_runs, pyplot, read_log
 from minilora.tasks import TASKS, exact_match_accuracy, greedy_completions, make_task, write_corpus, write_jsonl
 from minilora.tokenizer import get_tokenizer
 from minilora.trainer import TrainConfig, save_output, start_run, train
@@ -72,10 +76,12 @@ class Args:
                                         "set steps, the usual 2x rank too slowly)")
     target_modules: list[str] = opt(["all-linear"], "modules LoRA adapts (e.g. q_proj v_proj, the paper's "
                                                     "setting), or all-linear")
+    use_dora: bool = opt(False, "DoRA adapters (LoRA on the direction, a trained magnitude per row)")
+    loraplus_lr_ratio: Optional[float] = opt(None, "LoRA+: lora_B's learning rate is this many times lora_A's")
     tasks: list[str] = opt([], f"tasks to fine-tune ({', '.join(TASKS)}); default: sql and dates, or sql alone "
                                "with --lora_r 0")
     quantize: str | None = opt(None, "fine-tune on a base quantized to nf4 (QLoRA) or int8; its figures go to "
-                                     "results_nf4.json and a row of the comparison table", choices=["nf4", "int8"])
+                                     "results_lora-nf4.json and a row of the comparison table", choices=["nf4", "int8"])
     arch: str = opt("gpt2", "base architecture: gpt2 (learned positions, LayerNorm, GELU) or llama (rotary "
                             "positions, RMSNorm, SwiGLU, grouped-query attention); llama defaults to "
                             "--model small-llama and --out_dir out/quickstart-llama")
@@ -110,6 +116,8 @@ class Args:
             raise MiniloraError(f"--lora_r must be >= 0 (0 = full fine-tuning), got {self.lora_r}")
         if self.quantize and self.lora_r == 0:
             raise MiniloraError(f"--quantize {self.quantize} freezes the base; it needs LoRA, not --lora_r 0")
+        if self.lora_r == 0 and (self.use_dora or self.loraplus_lr_ratio is not None):
+            raise MiniloraError("--use_dora and --loraplus_lr_ratio are LoRA variants; drop them or --lora_r 0")
         for name in ("pretrain_iters", "pretrain_batch_size", "n_train", "n_val"):
             if getattr(self, name) < 1:
                 raise MiniloraError(f"--{name} must be at least 1, got {getattr(self, name)}")
@@ -223,13 +231,14 @@ def finetune(args, task, paths):
     """Fine-tune one task on the base; runs in its own process and returns the measured figures."""
     t_start = time.time()
     full = args.lora_r == 0
-    name = f"{task}-full" if full else f"{task}-{args.quantize}" if args.quantize else task
+    name = f"{task}-full" if full else task + variant(args)
     run_dir = os.path.join(paths["runs"], name)
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time: this is a demo, not a resumable job
     lr = args.learning_rate or (1e-3 if full else 5e-3)
     steps = args.finetune_iters or TASK_SETTINGS[task]["finetune_iters"]
     cfg = TrainConfig(init_from=paths["base"], lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                      target_modules=list(args.target_modules), data=paths[task + "_train"],
+                      target_modules=list(args.target_modules), use_dora=args.use_dora,
+                      loraplus_lr_ratio=args.loraplus_lr_ratio, data=paths[task + "_train"],
                       val_data=paths[task + "_val"], out_dir=run_dir, max_iters=steps,
                       batch_size=args.batch_size or TASK_SETTINGS[task]["batch_size"], learning_rate=lr,
                       warmup_iters=min(20, steps // 10), eval_interval=0, eval_iters=4, log_interval=max(1, steps // 10),
@@ -255,7 +264,8 @@ def finetune(args, task, paths):
         # fp32 weights + gradients + AdamW's two moments for the trainable, the stored bytes of the frozen
         frozen_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad) + \
             sum(b.numel() * b.element_size() for b in model.buffers())
-        method = "full" if full else f"lora r={args.lora_r} {'/'.join(args.target_modules)}"
+        method = "full" if full else (f"{'dora' if args.use_dora else 'lora'} r={args.lora_r} {'/'.join(args.target_modules)}"
+                                      + (f" lora+ x{args.loraplus_lr_ratio:g}" if args.loraplus_lr_ratio else ""))
         return {"task": task, "method": f"q{method} ({args.quantize} base)" if args.quantize else method,
                 "trainable_params": trainable, "total_params": total,
                 "train_state_bytes": 16 * trainable + frozen_bytes,
@@ -264,6 +274,12 @@ def finetune(args, task, paths):
                 "peak_rss_mb": result.peak_memory_mb, "wall_s": time.time() - t_start,
                 "n_train": dataset.num_train_examples, "n_val": len(val), "run_dir": run_dir, "examples": examples,
                 "torch_threads": torch.get_num_threads()}
+
+
+def variant(args):
+    """'' for plain LoRA, else '-nf4'/'-int8', '-dora', '-loraplus' as set: the run's, adapter's and results file's suffix."""
+    return ((f"-{args.quantize}" if args.quantize else "") + ("-dora" if args.use_dora else "")
+            + ("-loraplus" if args.loraplus_lr_ratio else ""))
 
 
 def publish_adapter(run_dir, adapter_dir):
@@ -304,24 +320,42 @@ def report(r, paths):
     return "\n".join(lines)
 
 
+def sql_runs(out):
+    """{kind: the 'sql' result} of this out_dir's results_{kind}.json files: lora and its variants, then full."""
+    runs = {}
+    names = sorted(f for f in os.listdir(out) if f.startswith("results_") and f.endswith(".json"))
+    for name in sorted(names, key=lambda f: f == "results_full.json"):
+        with open(os.path.join(out, name), encoding="utf-8") as f:
+            r = next((r for r in json.load(f)["finetune"] if r["task"] == "sql"), None)
+        if r is not None:
+            runs[name.removeprefix("results_").removesuffix(".json")] = r
+    return runs
+
+
 def comparison_table(out):
-    """A Markdown table of the 'sql' runs in out/results_{lora,full,nf4,int8}.json, once two exist."""
+    """A Markdown table of the 'sql' runs in out/results_*.json, once plain LoRA and full fine-tuning both ran."""
+    runs = sql_runs(out)
+    if "lora" not in runs or "full" not in runs:
+        return None
     rows = []
-    for kind in ("lora", "nf4", "int8", "full"):
-        path = os.path.join(out, f"results_{kind}.json")
-        if not os.path.isfile(path):
-            continue
-        with open(path, encoding="utf-8") as f:
-            run = json.load(f)
-        r = next((r for r in run["finetune"] if r["task"] == "sql"), None)
-        if r is None:
-            continue
+    for r in runs.values():
         rows.append(f"| {r['method']} | {r['trainable_params']:,d} ({100 * r['trainable_params'] / r['total_params']:.2f}%) "
                     f"| {r['peak_rss_mb']:,.0f} MiB / {fmt_bytes(r['train_state_bytes'])} "
                     f"| {r['tokens_per_sec']:,.0f} | {r['train_s']:.0f} s | {r['base_accuracy']:.1%} -> {r['accuracy']:.1%} |")
     head = ("| method | trainable params | peak RSS (measured) / training state (computed) | tokens/s "
             "| training time | held-out exact match (base -> tuned) |\n|---|---|---|---|---|---|")
-    return "\n".join([head] + rows) if len(rows) >= 2 else None
+    return "\n".join([head] + rows)
+
+
+def loss_chart(out):
+    """out/loss_sql.png: the 'sql' runs' loss curves on one chart (python -m minilora.plot), if matplotlib is here."""
+    plt = pyplot()
+    dirs = {r["method"]: r["run_dir"] for r in sql_runs(out).values() if os.path.isfile(os.path.join(r["run_dir"], "log.jsonl"))}
+    if plt is None or len(dirs) < 2:
+        return None
+    path = os.path.join(out, "loss_sql.png")
+    plot_runs(plt, {m: read_log(d) for m, d in dirs.items()}, path)
+    return path
 
 
 def main(argv=None):
@@ -347,7 +381,7 @@ def main(argv=None):
         print(f"example: {train_ex[0]['prompt']!r} -> {train_ex[0]['completion']!r}")
         r = in_fresh_process(finetune, args, task, paths)
         if args.lora_r:
-            r["adapter_dir"] = os.path.join(out, "adapters", f"{task}-{args.quantize}" if args.quantize else task)
+            r["adapter_dir"] = os.path.join(out, "adapters", task + variant(args))
             publish_adapter(r["run_dir"], r["adapter_dir"])
         results.append(r)
 
@@ -356,14 +390,15 @@ def main(argv=None):
         print(report(r, paths))
     total = time.time() - t0
     # one file per method, so a --lora_r 0 run does not overwrite the LoRA figures it is compared with
-    kind = "full" if args.lora_r == 0 else args.quantize or "lora"
-    results_path = os.path.join(out, f"results_{kind}.json")
+    results_path = os.path.join(out, f"results_{'full' if args.lora_r == 0 else 'lora' + variant(args)}.json")
     with atomic_open(results_path, "w") as f:
         json.dump({"args": dataclasses.asdict(args), "pretrain": pre, "finetune": results, "wall_s": total}, f, indent=2)
         f.write("\n")
     table = comparison_table(out)
     if table:
         print("\nthe methods on 'sql' (from this out_dir's results_*.json):\n" + table)
+        chart = loss_chart(out)
+        print(f"loss curves: {chart}" if chart else "loss curves: pip install -e \".[plot]\" to draw them (matplotlib)")
     print(f"\nquickstart done in {total / 60:.1f} min; figures in {results_path}")
     return results
 

@@ -77,6 +77,9 @@ class AdapterRegistry:
         if config.bias != "none" or config.modules_to_save:
             raise MiniloraError(f"adapter {name!r} trains biases or modules_to_save, which every request would share; "
                                 f"only bias='none' adapters without modules_to_save can be served per request")
+        if config.use_dora:  # the server's batches mix adapters, and the mixed kernel has no DoRA magnitude
+            raise MiniloraError(f"adapter {name!r} is a DoRA adapter, which the server's mixed-adapter batches do not "
+                                f"support; merge it into the base (merge.py) and serve that")
         return weights
 
     def add(self, name, path, weights=None, pinned=False, check=None):

@@ -72,6 +72,10 @@ class TrainConfig:
     init_lora_weights: str = opt("true", "true: kaiming A, zero B; gaussian: A ~ N(0, 1/r^2); false: both random",
                                  choices=["true", "false", "gaussian"])
     task_type: str = opt("CAUSAL_LM", "PEFT's task_type, written to adapter_config.json", choices=["CAUSAL_LM"])
+    use_dora: bool = opt(False, "DoRA: LoRA on each weight row's direction plus a trained magnitude (Liu et al. 2024)")
+    loraplus_lr_ratio: Optional[float] = opt(None, "LoRA+ (Hayou et al. 2024): lora_B (and 1-D parameters) learn "
+                                                   "this many times faster than lora_A, as PEFT's "
+                                                   "create_loraplus_optimizer; the paper suggests 16")
     full_finetune: bool = opt(False, "train all weights (same as --lora_r 0)")
     quantize: Optional[str] = opt(None, "store the frozen base in 4-bit NF4 (QLoRA, with double quantization) or int8; "
                                         "LoRA only", choices=["nf4", "int8"])
@@ -147,6 +151,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not 0 <= value < 1:
                 raise MiniloraError(f"--{name} must be in [0, 1), got {value}")
+        if self.loraplus_lr_ratio is not None and not 0 < self.loraplus_lr_ratio < math.inf:
+            raise MiniloraError(f"--loraplus_lr_ratio must be positive and finite, got {self.loraplus_lr_ratio}")
+        if self.loraplus_lr_ratio is not None and not self.lora:
+            raise MiniloraError("--loraplus_lr_ratio sets lora_B's learning rate, so it needs LoRA (--lora_r > 0)")
         if self.lr_decay_iters is not None and self.lr_decay_iters < 1:
             raise MiniloraError(f"--lr_decay_iters must be at least 1, got {self.lr_decay_iters}")
         if self.lora:
@@ -169,7 +177,7 @@ def lora_config(cfg, base_model=None):
     if bad:
         raise MiniloraError(f"--layers_to_transform takes block indices (0 1, or 0,1), got {bad[0]!r}")
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=target_modules_arg(cfg.target_modules),
-                      lora_dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora, bias=cfg.bias,
+                      lora_dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, bias=cfg.bias,
                       modules_to_save=split_list(cfg.modules_to_save) or None,
                       layers_to_transform=[int(x) for x in layers] or None,
                       init_lora_weights={"true": True, "false": False}.get(cfg.init_lora_weights, cfg.init_lora_weights),
@@ -306,13 +314,29 @@ def get_lr(it, cfg):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - min_lr)
 
 
-def configure_optimizer(model, weight_decay, lr, betas, device_type):
-    """AdamW over the trainable parameters; matrices decay, biases and norm gains (1-D) do not."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+def configure_optimizer(model, weight_decay, lr, betas, device_type, loraplus_lr_ratio=None):
+    """AdamW over the trainable parameters; matrices decay, biases and norm gains (1-D) do not.
+
+    loraplus_lr_ratio (LoRA+, PEFT's create_loraplus_optimizer): lora_B and every 1-D parameter (biases,
+    norms, DoRA's magnitude) get lr * ratio, lora_A and other matrices lr. Each group's "lr_scale" is
+    what the schedule's lr is multiplied by (train() sets group["lr"] every step).
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise MiniloraError("the model has no trainable parameters; check --lora_r and --target_modules")
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if loraplus_lr_ratio is None:
+        groups = [{"params": [p for _, p in named if p.dim() >= 2], "weight_decay": weight_decay, "lr_scale": 1.0},
+                  {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0}]
+    else:
+        is_b = [".lora_B." in n for n, _ in named]
+        groups = [{"params": [p for (_, p), b in zip(named, is_b) if p.dim() >= 2 and not b], "weight_decay": weight_decay,
+                   "lr_scale": 1.0},
+                  {"params": [p for (_, p), b in zip(named, is_b) if b], "weight_decay": weight_decay,
+                   "lr_scale": loraplus_lr_ratio},
+                  {"params": [p for (_, p), b in zip(named, is_b) if p.dim() < 2 and not b], "weight_decay": 0.0,
+                   "lr_scale": loraplus_lr_ratio}]
+    for g in groups:
+        g["lr"] = lr * g["lr_scale"]
     extra = {"fused": True} if device_type == "cuda" else {}  # one kernel for the whole update
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, **extra)
 
@@ -409,7 +433,8 @@ def train(model, dataset, cfg, rt, eval_fn=None, stream=None):
     """
     cfg = dataclasses.replace(cfg, max_iters=total_iters(cfg, dataset, rt))
     raw_model = model
-    optimizer = configure_optimizer(raw_model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type)
+    optimizer = configure_optimizer(raw_model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type,
+                                    cfg.loraplus_lr_ratio)
     # fp16's narrow range needs loss scaling; bf16 has fp32's exponent range, so its scaler stays off
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "fp16")
     iter_num, best_val = 0, None
@@ -434,7 +459,7 @@ def train(model, dataset, cfg, rt, eval_fn=None, stream=None):
     while iter_num < cfg.max_iters:
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # LoRA+ gives lora_B a multiple
         batches = [dataset.next_batch(cfg.batch_size * rt.world_size, rt.device) for _ in range(cfg.grad_accum)]
         loss = forward_backward(model, batches, rt, scaler)
         if not math.isfinite(loss):

@@ -412,7 +412,7 @@ def test_peft_dict_round_trip_and_refusals():
     assert config_from_peft(d) == config
     assert config_from_peft({**d, "some_future_key": 1, "fan_in_fan_out": True}) == config  # tolerated
     assert config_from_peft({**d, "target_modules": ["v_proj", "q_proj"]}).target_modules == ["v_proj", "q_proj"]
-    for bad, match in (({"use_dora": True}, "use_dora"), ({"peft_type": "IA3"}, "IA3"), ({"r": "8"}, "r must"),
+    for bad, match in (({"use_dora": "yes"}, "use_dora"), ({"peft_type": "IA3"}, "IA3"), ({"r": "8"}, "r must"),
                        ({"rank_pattern": {"q_proj": 4}}, "rank_pattern"), ({"fan_in_fan_out": "no"}, "fan_in_fan_out")):
         with pytest.raises(MiniloraError, match=match):
             config_from_peft({**d, **bad})

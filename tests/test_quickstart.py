@@ -70,6 +70,19 @@ def test_second_run_reuses_the_base_and_full_finetuning_compares(lora_run):
     assert "full model on disk" in proc.stdout and "| full |" in proc.stdout  # the comparison table
     table = comparison_table(str(out))
     assert table.count("\n") == 3 and "lora r=8 all-linear" in table
+    assert f"loss curves: {out / 'loss_sql.png'}" in proc.stdout  # matplotlib is in the dev extra
+    assert (out / "loss_sql.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_dora_and_loraplus_add_a_row(lora_run):
+    out, _ = lora_run
+    proc = run_quickstart(out, "--tasks", "sql", "--use_dora", "--loraplus_lr_ratio", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((out / "adapters" / "sql-dora-loraplus" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True
+    assert os.path.isfile(out / "results_lora-dora-loraplus.json") and os.path.isfile(out / "results_lora.json")
+    table = comparison_table(str(out))
+    assert table.count("\n") == 4 and "| dora r=8 all-linear lora+ x4 |" in table
 
 
 def test_base_is_reused_only_with_the_same_settings(lora_run):

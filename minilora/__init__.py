@@ -16,9 +16,10 @@ from minilora.adapters import (adapter_rows, add_weighted_adapter, delete_adapte
                                set_adapter)
 from minilora.adapter_files import load_adapter, read_adapter, save_adapter
 from minilora.generation import generate, stream_generate
+from minilora.chat_session import ChatSession
 from minilora.tokenizer import get_tokenizer
 
-__all__ = ["BASE_ADAPTER", "ChatTemplate", "GPT", "GPTConfig", "LoRALinear", "LoraConfig", "MiniloraError",
+__all__ = ["BASE_ADAPTER", "ChatSession", "ChatTemplate", "GPT", "GPTConfig", "LoRALinear", "LoraConfig", "MiniloraError",
            "PeftModel", "SFTTrainer", "TrainingArguments", "adapter_rows", "add_weighted_adapter", "apply_lora",
            "chat_tokens", "count_parameters", "delete_adapter", "disable_adapter", "generate", "generate_ids",
            "get_peft_model", "get_tokenizer", "load_adapter", "load_chat_template", "lora_layers", "merge",

@@ -67,7 +67,8 @@ class Args:
     stream: bool = opt(False, "print the sample as it is generated (one sample only)")
     dtype: str = opt("fp32", "weights' dtype", choices=DTYPE_CHOICES)
     device: str = opt("cpu", "cpu, cuda, cuda:1, ...")
-    cache: bool = opt(True, "KV cache; --no-cache re-runs the whole sequence every step (the slow reference)")
+    cache: bool = opt(True, "KV cache; --no-cache re-runs the whole sequence every step (the slow reference); "
+                            "with --chat, prefills the whole conversation every turn")
 
 
 def main(argv=None):

@@ -195,6 +195,8 @@ def chat(args, model, template, tok):
     """--chat (user lines from stdin) or --messages FILE (one answer), the conversation kept in the KV cache."""
     if args.num_samples != 1:
         raise MiniloraError("--chat and --messages give one answer per turn; use --num_samples 1")
+    if args.prompt or args.prompt_file:
+        raise MiniloraError("--chat and --messages take the conversation, not --prompt / --prompt_file")
     messages = []
     if args.messages:
         try:
@@ -207,7 +209,8 @@ def chat(args, model, template, tok):
             raise MiniloraError(f"--messages {args.messages}: needs a JSON list of {{role, content}} ending with a "
                                 "user message (the one to answer)")
     with ChatSession(model, tok, template, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                     seed=args.seed, max_new_tokens=args.max_new_tokens, reuse=args.cache) as session:
+                     seed=args.seed, max_new_tokens=args.max_new_tokens, reuse=args.cache,
+                     stop=args.stop) as session:
         def answer(conversation):
             for piece in session.reply(conversation):
                 print(piece, end="", flush=True)

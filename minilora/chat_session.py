@@ -57,11 +57,12 @@ class ChatSession:
     same model is refused meanwhile, as for any cache owner."""
 
     def __init__(self, model, tokenizer, template, *, temperature=0.8, top_k=None, top_p=None, seed=None,
-                 max_new_tokens=None, reuse=True):
+                 max_new_tokens=None, reuse=True, stop=()):
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         self.max_new_tokens, self.reuse = max_new_tokens, reuse
         self.eos, self.stops = stop_tokens(tokenizer, template)
+        self.stops += [s for s in ([stop] if isinstance(stop, str) else stop) if s not in self.stops]
         self.device = model.lm_head.weight.device
         self.generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
         self.messages, self.turns = [], []

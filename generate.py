@@ -16,13 +16,14 @@ of them, for every script. Every option: -h.
 Prints each sample (prompt + completion), then tokens/s with prefill and decode timed apart.
 """
 
+import contextlib
 import json
 import sys
 from dataclasses import dataclass
 
 import torch
 
-from minilora.adapters import BASE_ADAPTER, add_weighted_adapter, set_adapter
+from minilora.adapters import BASE_ADAPTER, add_weighted_adapter, disable_adapter, set_adapter
 from minilora.chat import load_chat_template
 from minilora.chat_session import ChatSession
 from minilora.cli import DTYPE_CHOICES, dtype_name, main_guard, opt, parse_args, parse_dtype
@@ -115,7 +116,9 @@ def main(argv=None):
     tok = get_tokenizer(model.config.tokenizer)
     if args.chat or args.messages:
         dirs = template_dirs(init_from, specs[0][1] if specs else None, model.config.tokenizer)
-        return chat(args, model, load_chat_template(args.chat_template, dirs, tok), tok)
+        template = load_chat_template(args.chat_template, dirs, tok)
+        with disable_adapter(model) if adapter_names else contextlib.nullcontext():  # --prompt_adapter __base__
+            return chat(args, model, template, tok)
 
     text = args.prompt
     if args.prompt_file:

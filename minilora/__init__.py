@@ -18,9 +18,10 @@ from minilora.adapters import (adapter_rows, add_weighted_adapter, delete_adapte
 from minilora.adapter_files import load_adapter, read_adapter, save_adapter
 from minilora.analysis import amplification_factor, spectrum, subspace_similarity
 from minilora.generation import generate, stream_generate
+from minilora.chat_session import ChatSession
 from minilora.tokenizer import get_tokenizer
 
-__all__ = ["BASE_ADAPTER", "ChatTemplate", "GPT", "GPTConfig", "LoRALinear", "LoraConfig", "MiniloraError",
+__all__ = ["BASE_ADAPTER", "ChatSession", "ChatTemplate", "GPT", "GPTConfig", "LoRALinear", "LoraConfig", "MiniloraError",
            "PeftModel", "QuantizedLinear", "SFTTrainer", "TrainingArguments", "adapter_rows", "add_weighted_adapter",
            "amplification_factor", "apply_lora", "chat_tokens", "count_parameters", "delete_adapter", "dequantize_model", "disable_adapter",
            "generate", "generate_ids", "get_peft_model", "get_tokenizer", "load_adapter", "load_chat_template",

@@ -84,12 +84,14 @@ def model_source(arg, preset="tiny"):
     return Source("hub", arg)
 
 
-def load_model(arg, *, adapter=None, preset="tiny", seed=None, dropout=None, trainable=False, _seen=()):
+def load_model(arg, *, adapter=None, preset="tiny", seed=None, dropout=None, trainable=False, allow_pickle=False,
+               _seen=()):
     """The model `arg` names (+ the adapter directory `adapter`) -> (GPT in fp32, name of its base).
 
     The base name is what an adapter trained on this model records. Random weights are drawn
     from torch's global RNG, or from `seed` without touching it. trainable: a LoRA run's adapter
     stays trainable (train.py continues it); otherwise adapters load frozen and the model is in eval mode.
+    allow_pickle: an adapter may be an older adapter_model.bin, read with torch.load(weights_only=True).
     """
     src = model_source(arg, preset)
     if src.kind == "run" and os.path.realpath(arg) in _seen:
@@ -110,7 +112,7 @@ def load_model(arg, *, adapter=None, preset="tiny", seed=None, dropout=None, tra
     elif src.kind == "run" and src.info.kind == "lora":
         model, base = load_model(src.info.base_model, dropout=dropout, seed=seed, _seen=(*_seen, os.path.realpath(arg)))
         try:
-            load_adapter(model, arg, is_trainable=trainable)
+            load_adapter(model, arg, is_trainable=trainable, allow_pickle=allow_pickle)
         except MiniloraError as e:
             raise MiniloraError(f"{e} (the base {src.info.base_model!r} comes from {arg}/{RUN_FILE}; "
                                 f"if it moved, pass the base with --init_from and this directory with --adapter)") from None
@@ -124,7 +126,7 @@ def load_model(arg, *, adapter=None, preset="tiny", seed=None, dropout=None, tra
         model, base = GPT.from_pretrained(arg, dropout=dropout), os.path.abspath(arg)
     if adapter is not None:
         name = "default" if not hasattr(model, "peft_config") else "cli"
-        load_adapter(model, adapter, adapter_name=name)
+        load_adapter(model, adapter, adapter_name=name, allow_pickle=allow_pickle)
         _warn_other_base(adapter, model.peft_config[name].base_model_name_or_path, base)
         set_adapter(model, list(model.peft_config))  # a LoRA run dir's own adapter stays on beside --adapter
     return (model if trainable else model.eval()), base
@@ -138,6 +140,32 @@ def _warn_other_base(adapter, recorded, base):
     if isinstance(recorded, str) and recorded and not same:
         print(f"warning: the adapter in {adapter} was trained on {recorded!r}, not on {base!r}; its outputs are "
               f"only meaningful on its own base", file=sys.stderr)
+
+
+def adapter_specs(items):
+    """generate.py's --adapter values -> [(name, path)]: NAME=PATH names an adapter; one plain PATH is
+    (None, PATH), the single adapter as before (a directory whose name holds "=" is still a PATH)."""
+    specs = []
+    for item in items:
+        name, eq, path = item.partition("=")
+        if eq and not os.path.isdir(item) and name and all(c.isalnum() or c in "_-." for c in name):
+            specs.append((name, path))
+        else:
+            specs.append((None, item))
+    if len(specs) > 1 and any(name is None for name, _ in specs):
+        raise MiniloraError(f"several adapters need a name each: --adapter sql=PATH dates=PATH (got {' '.join(items)})")
+    names = [name for name, _ in specs]
+    if len(set(names)) < len(names):
+        raise MiniloraError(f"--adapter names must differ, got {', '.join(names)}")
+    return specs
+
+
+def load_named_adapters(model, specs, base, *, allow_pickle=False):
+    """Load each (name, path) of adapter_specs onto `model` (built from `base`), frozen; none is activated."""
+    for name, path in specs:
+        load_adapter(model, path, adapter_name=name, allow_pickle=allow_pickle, activate=False)
+        _warn_other_base(path, model.peft_config[name].base_model_name_or_path, base)
+    return [name for name, _ in specs]
 
 
 def template_dirs(arg, adapter=None, tokenizer=None):

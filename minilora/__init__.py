@@ -15,12 +15,13 @@ from minilora.lora import (BASE_ADAPTER, LoraConfig, LoRALinear, apply_lora, cou
 from minilora.adapters import (adapter_rows, add_weighted_adapter, delete_adapter, disable_adapter, row_adapters,
                                set_adapter)
 from minilora.adapter_files import load_adapter, read_adapter, save_adapter
+from minilora.convert import convert_adapter
 from minilora.generation import generate, stream_generate
 from minilora.tokenizer import get_tokenizer
 
 __all__ = ["BASE_ADAPTER", "ChatTemplate", "GPT", "GPTConfig", "LoRALinear", "LoraConfig", "MiniloraError",
            "PeftModel", "SFTTrainer", "TrainingArguments", "adapter_rows", "add_weighted_adapter", "apply_lora",
-           "chat_tokens", "count_parameters", "delete_adapter", "disable_adapter", "generate", "generate_ids",
+           "chat_tokens", "convert_adapter", "count_parameters", "delete_adapter", "disable_adapter", "generate", "generate_ids",
            "get_peft_model", "get_tokenizer", "load_adapter", "load_chat_template", "lora_layers", "merge",
            "merge_and_unload", "print_trainable_parameters", "read_adapter", "row_adapters", "save_adapter",
            "set_adapter", "stream_generate", "unmerge"]

@@ -452,6 +452,8 @@ def train(model, dataset, cfg, rt, eval_fn=None, stream=None):
     # the loop's own bookkeeping that --resume restores: the best checkpoint-N (step, val loss) and the
     # evaluations since the validation loss last improved (--early_stopping_patience)
     kept = {"best_step": None, "best_step_loss": None, "bad_evals": 0, "stopped_early": False, **kept}
+    if kept["stopped_early"] and iter_num < cfg.max_iters:
+        progress.note(f"the run stopped early at step {iter_num} (--early_stopping_patience); nothing left to train")
     start_iter, t0, t_log, tokens, tokens_log = iter_num, time.time(), time.time(), 0, 0
     losses, val_loss, metrics = {}, None, {}
     while iter_num < cfg.max_iters and not kept["stopped_early"]:

@@ -17,16 +17,18 @@ from minilora.adapters import (adapter_rows, add_weighted_adapter, delete_adapte
                                set_adapter)
 from minilora.adapter_files import load_adapter, read_adapter, save_adapter
 from minilora.analysis import amplification_factor, spectrum, subspace_similarity
+from minilora.convert import convert_adapter
 from minilora.generation import generate, stream_generate
 from minilora.chat_session import ChatSession
 from minilora.tokenizer import get_tokenizer
 
-__all__ = ["BASE_ADAPTER", "ChatSession", "ChatTemplate", "GPT", "GPTConfig", "LoRALinear", "LoraConfig", "MiniloraError",
-           "PeftModel", "QuantizedLinear", "SFTTrainer", "TrainingArguments", "adapter_rows", "add_weighted_adapter",
-           "amplification_factor", "apply_lora", "chat_tokens", "count_parameters", "delete_adapter", "dequantize_model", "disable_adapter",
-           "generate", "generate_ids", "get_peft_model", "get_tokenizer", "load_adapter", "load_chat_template",
-           "lora_layers", "merge", "merge_and_unload", "print_trainable_parameters", "read_adapter", "row_adapters",
-           "save_adapter", "set_adapter", "spectrum", "stream_generate", "subspace_similarity", "unmerge"]
+__all__ = ["BASE_ADAPTER", "ChatSession", "ChatTemplate", "GPT", "GPTConfig", "LoRALinear", "LoraConfig",
+           "MiniloraError", "PeftModel", "QuantizedLinear", "SFTTrainer", "TrainingArguments", "adapter_rows",
+           "add_weighted_adapter", "amplification_factor", "apply_lora", "chat_tokens", "convert_adapter",
+           "count_parameters", "delete_adapter", "dequantize_model", "disable_adapter", "generate", "generate_ids",
+           "get_peft_model", "get_tokenizer", "load_adapter", "load_chat_template", "lora_layers", "merge",
+           "merge_and_unload", "print_trainable_parameters", "read_adapter", "row_adapters", "save_adapter",
+           "set_adapter", "spectrum", "stream_generate", "subspace_similarity", "unmerge"]
 
 # PEFT/TRL's names (minilora.peft_api) bring the whole training stack (trainer, data, params); loaded on first
 # use so `import minilora` stays light and `python -m minilora.params` is not imported twice (runpy warns).

@@ -246,14 +246,20 @@ def attach_adapter(model, weights, adapter_name, *, is_trainable=False, activate
 
     activate: apply_lora's rule (None: active only if no adapter is active yet)."""
     apply_lora(model, weights.config, adapter_name, activate=activate)
-    live = {_canon(k): p for k, p in adapter_state_dict(model, adapter_name).items()}
-    with torch.no_grad():
-        for k, t in weights.tensors.items():
-            live[k].copy_(t)
+    live = set_adapter_weights(model, weights, adapter_name)
     if not is_trainable:
         for p in live.values():
             p.requires_grad_(False)
     return model
+
+
+def set_adapter_weights(model, weights, adapter_name="default"):
+    """Copy read_adapter's tensors into the model's existing adapter `adapter_name`; returns its live tensors."""
+    live = {_canon(k): p for k, p in adapter_state_dict(model, adapter_name).items()}
+    with torch.no_grad():
+        for k, t in weights.tensors.items():
+            live[k].copy_(t)
+    return live
 
 
 def load_adapter(model, adapter_dir, adapter_name=None, *, is_trainable=False, allow_pickle=False, expected_base=None,

@@ -7,20 +7,33 @@ out_dir/checkpoint/ holds model.safetensors (the trainable weights only: for LoR
 the frozen base is rebuilt from --init_from) and state.pt (optimizer, GradScaler, every RNG of
 every rank, the data loader's position, the step, the options). It is written to a temporary
 sibling and renamed into place, so a kill at any moment leaves the previous one intact.
+
+With --save_steps, out_dir/checkpoint-N/ directories are written beside it: each is a complete
+PEFT adapter (adapter_config.json + adapter_model.safetensors; with --lora_r 0 the model in its HF
+layout) that generate.py --adapter and PEFT load as they are, plus trainer_state.json (the step and
+its validation loss). They are products to pick from, not resume points: --resume reads checkpoint/.
+
+    path = save_step_checkpoint(raw_model, out_dir, step, val_loss)
+    prune_step_checkpoints(out_dir, limit, keep=best_path)   # --save_total_limit
+    restore_step_checkpoint(raw_model, best_path)            # --load_best_model_at_end
 """
 
 import dataclasses
 import glob
+import json
 import os
 import random
+import re
 import shutil
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from minilora.adapter_files import read_adapter, save_adapter, set_adapter_weights
 from minilora.errors import MiniloraError
 from minilora.fileio import atomic_directory
+from minilora.model import GPT
 from minilora.safetensors import load_file, save_file
 
 
@@ -72,8 +85,11 @@ def find_checkpoint(out_dir):
     return parked[-1] if parked else None
 
 
-def save_checkpoint(raw_model, optimizer, scaler, dataset, cfg, rt, iter_num, best_val_loss):
-    """Write out_dir/checkpoint atomically: a kill at any moment leaves the previous one intact."""
+def save_checkpoint(raw_model, optimizer, scaler, dataset, cfg, rt, iter_num, best_val_loss, progress=None):
+    """Write out_dir/checkpoint atomically: a kill at any moment leaves the previous one intact.
+
+    progress: a small dict of the loop's own bookkeeping (best checkpoint-N, evaluations without
+    improvement) that resuming must restore too; load_checkpoint returns it."""
     rngs, data_states = _gather(rng_state(), rt), _gather(dataset.state_dict(), rt)
     if not rt.master:
         return
@@ -81,7 +97,7 @@ def save_checkpoint(raw_model, optimizer, scaler, dataset, cfg, rt, iter_num, be
     weights = {n: p.detach().to("cpu").contiguous() for n, p in raw_model.named_parameters() if p.requires_grad}
     state = {"iter_num": iter_num, "best_val_loss": best_val_loss, "world_size": rt.world_size,
              "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rngs, "data": data_states,
-             "config": dataclasses.asdict(cfg)}
+             "config": dataclasses.asdict(cfg), "progress": progress or {}}
     with atomic_directory(os.path.join(cfg.out_dir, "checkpoint")) as tmp:
         save_file(weights, os.path.join(tmp, "model.safetensors"))
         torch.save(state, os.path.join(tmp, "state.pt"))
@@ -90,7 +106,7 @@ def save_checkpoint(raw_model, optimizer, scaler, dataset, cfg, rt, iter_num, be
 
 
 def load_checkpoint(path, raw_model, optimizer, scaler, dataset, cfg, rt):
-    """Restore everything save_checkpoint wrote; returns (iter_num, best_val_loss)."""
+    """Restore everything save_checkpoint wrote; returns (iter_num, best_val_loss, progress)."""
     fp = os.path.join(path, "state.pt")
     try:
         state = torch.load(fp, map_location="cpu", weights_only=True)
@@ -125,4 +141,56 @@ def load_checkpoint(path, raw_model, optimizer, scaler, dataset, cfg, rt):
               "the run continues, but not bit-identically")
     dataset.load_state_dict(state["data"][rt.rank if same_world else 0])
     set_rng_state(state["rng"][rt.rank if same_world else 0])
-    return state["iter_num"], state["best_val_loss"]
+    return state["iter_num"], state["best_val_loss"], state.get("progress", {})
+
+
+# ---- checkpoint-N: usable products every --save_steps --------------------------------------------
+
+STEP_STATE = "trainer_state.json"  # transformers' name for the same record
+_STEP_DIR = re.compile(r"checkpoint-(\d+)")
+
+
+def step_checkpoints(out_dir):
+    """[(step, path)] of out_dir's checkpoint-N directories, oldest first."""
+    found = []
+    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
+        m = _STEP_DIR.fullmatch(name)
+        if m and os.path.isdir(os.path.join(out_dir, name)):
+            found.append((int(m.group(1)), os.path.join(out_dir, name)))
+    return sorted(found)
+
+
+def save_step_checkpoint(raw_model, out_dir, step, val_loss=None):
+    """Write out_dir/checkpoint-{step}: the adapter (or, without LoRA, the whole model) as the run's output
+    would be at this step, + trainer_state.json; in one rename, so it is complete or absent. -> its path."""
+    path = os.path.join(out_dir, f"checkpoint-{step}")
+    with atomic_directory(path) as tmp:
+        # save_adapter/save_pretrained each want a directory of their own; their files move up one level
+        product = os.path.join(tmp, "product")
+        if getattr(raw_model, "peft_config", None):
+            save_adapter(raw_model, product)
+        else:
+            raw_model.save_pretrained(product)
+        for name in os.listdir(product):
+            os.replace(os.path.join(product, name), os.path.join(tmp, name))
+        os.rmdir(product)
+        with open(os.path.join(tmp, STEP_STATE), "w", encoding="utf-8") as f:
+            json.dump({"global_step": step, "val_loss": val_loss}, f, indent=2)
+            f.write("\n")
+    return path
+
+
+def prune_step_checkpoints(out_dir, limit, keep=None):
+    """Delete all but the newest `limit` checkpoint-N directories, never `keep` (the best one)."""
+    found = step_checkpoints(out_dir)
+    for _, path in found[:max(0, len(found) - limit)]:
+        if keep is None or os.path.realpath(path) != os.path.realpath(keep):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def restore_step_checkpoint(raw_model, path):
+    """Put the weights a checkpoint-N directory holds back into `raw_model` (same options, same shapes)."""
+    if getattr(raw_model, "peft_config", None):
+        set_adapter_weights(raw_model, read_adapter(raw_model, path, trim=False), "default")
+        return
+    raw_model.load_state_dict(GPT.from_pretrained(path).state_dict())

@@ -203,7 +203,10 @@ class TrainingArguments:
     max_grad_norm: float = 1.0
     logging_dir: str | None = None
     logging_steps: int = 500
-    save_steps: int = 500
+    save_steps: int = 500                    # output_dir/checkpoint-N (a loadable adapter) + the resume state
+    save_total_limit: int | None = None      # keep the newest K checkpoint-N (and the best, with load_best_model_at_end)
+    load_best_model_at_end: bool = False     # by validation loss: needs eval_steps, and save_steps a multiple of it
+    metric_for_best_model: str | None = None  # only "loss" / "eval_loss" (the validation loss)
     eval_steps: int | None = None            # with an eval_dataset: evaluate every N steps (None: at the end)
     seed: int = 42
     bf16: bool = False
@@ -216,6 +219,9 @@ class TrainingArguments:
                                 f"(warm-up, then cosine decay to 0) or 'constant'")
         if self.bf16 and self.fp16:
             raise MiniloraError("bf16 and fp16 exclude each other; pick one")
+        if self.metric_for_best_model not in (None, "loss", "eval_loss"):
+            raise MiniloraError(f"metric_for_best_model {self.metric_for_best_model!r} is not implemented; minilora picks "
+                                f"the best checkpoint by validation loss ('eval_loss')")
 
     def to_train_config(self, **fields):
         """The TrainConfig these arguments mean (+ fields the trainer knows: data, text_field, lora_*, ...)."""
@@ -226,6 +232,8 @@ class TrainingArguments:
             decay_lr=self.lr_scheduler_type == "cosine", warmup_iters=self.warmup_steps,
             weight_decay=self.weight_decay, beta1=self.adam_beta1, beta2=self.adam_beta2, grad_clip=self.max_grad_norm,
             log_interval=self.logging_steps, checkpoint_interval=self.save_steps, eval_interval=self.eval_steps or 0,
+            save_steps=self.save_steps, save_total_limit=self.save_total_limit,
+            load_best_model_at_end=self.load_best_model_at_end,
             seed=self.seed, dtype="bf16" if self.bf16 else "fp16" if self.fp16 else "fp32",
             device="cpu" if self.use_cpu else "auto", **steps, **fields)
 

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from minilora.adapter_files import save_adapter
 from minilora.adapters import set_adapter
-from minilora.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, seed_everything, \
-    set_rng_state
+from minilora.checkpoint import find_checkpoint, load_checkpoint, prune_step_checkpoints, restore_step_checkpoint, \
+    rng_state, save_checkpoint, save_step_checkpoint, seed_everything, set_rng_state
 from minilora.cli import opt
 from minilora.config import PRESETS
 from minilora.chat import load_chat_template, write_template
@@ -117,6 +117,14 @@ class TrainConfig:
                                   "at each evaluation (0 = off)")
     log_interval: int = opt(1, "log every N steps")
     checkpoint_interval: int = opt(50, "write out_dir/checkpoint every N steps (and at the end)")
+    save_steps: int = opt(0, "write out_dir/checkpoint-N, a complete adapter (or model) directory, every N steps "
+                             "(and at the end); 0 = off")
+    save_total_limit: Optional[int] = opt(None, "keep only the newest K checkpoint-N directories (and the best one "
+                                                "with --load_best_model_at_end); default: keep all")
+    load_best_model_at_end: bool = opt(False, "the run's output is the checkpoint-N with the lowest validation loss "
+                                              "(needs --save_steps a multiple of --eval_interval)")
+    early_stopping_patience: Optional[int] = opt(None, "stop when the validation loss has not improved for P "
+                                                       "evaluations in a row; default: never")
     # ---- system ----
     device: str = opt("auto", "auto (cuda, mps, cpu), or e.g. cpu, cuda, cuda:1")
     dtype: str = opt("auto", "fp32, bf16 (CPU and CUDA), fp16 (CUDA, with GradScaler); auto = bf16 on CUDA if supported, else fp32",
@@ -155,6 +163,7 @@ class TrainConfig:
             raise MiniloraError(f"--loraplus_lr_ratio must be positive and finite, got {self.loraplus_lr_ratio}")
         if self.loraplus_lr_ratio is not None and not self.lora:
             raise MiniloraError("--loraplus_lr_ratio sets lora_B's learning rate, so it needs LoRA (--lora_r > 0)")
+        self._check_checkpoint_options()
         if self.lr_decay_iters is not None and self.lr_decay_iters < 1:
             raise MiniloraError(f"--lr_decay_iters must be at least 1, got {self.lr_decay_iters}")
         if self.lora:
@@ -162,6 +171,24 @@ class TrainConfig:
         if self.quantize and not self.lora:
             raise MiniloraError(f"--quantize {self.quantize} freezes the base in low precision, so it cannot be trained "
                                 "in full; use LoRA (--lora_r > 0) on it, or drop --quantize")
+
+    def _check_checkpoint_options(self):
+        if self.save_steps < 0:
+            raise MiniloraError(f"--save_steps must be >= 0 (0 = off), got {self.save_steps}")
+        for name in ("save_total_limit", "early_stopping_patience"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise MiniloraError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        no_val = self.val_data is None and self.val_fraction == 0
+        for name, on in (("load_best_model_at_end", self.load_best_model_at_end),
+                         ("early_stopping_patience", self.early_stopping_patience is not None)):
+            if on and (self.eval_interval == 0 or no_val):
+                why = "--eval_interval is 0 (only at the end)" if self.eval_interval == 0 else "there is no validation split"
+                raise MiniloraError(f"--{name} compares validation losses, but {why}; set --eval_interval N and "
+                                    f"--val_fraction (or --val_data)")
+        if self.load_best_model_at_end and (self.save_steps == 0 or self.save_steps % self.eval_interval):
+            raise MiniloraError(f"--load_best_model_at_end picks among checkpoint-N directories by their validation loss: "
+                                f"set --save_steps to a multiple of --eval_interval ({self.eval_interval}), "
+                                f"got {self.save_steps}")
 
     @property
     def lora(self):
@@ -415,6 +442,8 @@ class TrainResult:
     elapsed: float                # seconds of this call's loop
     tokens_per_sec: float
     peak_memory_mb: float
+    best_model_checkpoint: Optional[str] = None  # checkpoint-N with the lowest validation loss (--save_steps)
+    stopped_early: bool = False                  # --early_stopping_patience ended the run before max_iters
 
 
 def total_iters(cfg, dataset, rt):
@@ -437,10 +466,10 @@ def train(model, dataset, cfg, rt, eval_fn=None, stream=None):
                                     cfg.loraplus_lr_ratio)
     # fp16's narrow range needs loss scaling; bf16 has fp32's exponent range, so its scaler stays off
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "fp16")
-    iter_num, best_val = 0, None
+    iter_num, best_val, kept = 0, None, {}
     checkpoint = find_checkpoint(cfg.out_dir)
     if cfg.resume and checkpoint:
-        iter_num, best_val = load_checkpoint(checkpoint, raw_model, optimizer, scaler, dataset, cfg, rt)
+        iter_num, best_val, kept = load_checkpoint(checkpoint, raw_model, optimizer, scaler, dataset, cfg, rt)
     elif checkpoint and not cfg.resume:
         raise MiniloraError(f"{cfg.out_dir} already holds a checkpoint; pass --resume to continue it, "
                             "or choose a new --out_dir")
@@ -454,9 +483,17 @@ def train(model, dataset, cfg, rt, eval_fn=None, stream=None):
     if rt.ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
 
+    if (cfg.load_best_model_at_end or cfg.early_stopping_patience) and next(iter(dataset.val_batches(1, max_batches=1)), None) is None:
+        raise MiniloraError(f"--load_best_model_at_end and --early_stopping_patience compare validation losses, but "
+                            f"{cfg.val_data or cfg.data} leaves no validation split; raise --val_fraction or pass --val_data")
+    # the loop's own bookkeeping that --resume restores: the best checkpoint-N (step, val loss) and the
+    # evaluations since the validation loss last improved (--early_stopping_patience)
+    kept = {"best_step": None, "best_step_loss": None, "bad_evals": 0, "stopped_early": False, **kept}
+    if kept["stopped_early"] and iter_num < cfg.max_iters:
+        progress.note(f"the run stopped early at step {iter_num} (--early_stopping_patience); nothing left to train")
     start_iter, t0, t_log, tokens, tokens_log = iter_num, time.time(), time.time(), 0, 0
     losses, val_loss, metrics = {}, None, {}
-    while iter_num < cfg.max_iters:
+    while iter_num < cfg.max_iters and not kept["stopped_early"]:
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # LoRA+ gives lora_B a multiple
@@ -483,22 +520,57 @@ def train(model, dataset, cfg, rt, eval_fn=None, stream=None):
             progress.line(f"step {iter_num}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
                           f"{fmt_time(elapsed)} elapsed | ETA {fmt_time(eta)}")
             t_log, tokens_log = now, 0
-        if rt.master and ((cfg.eval_interval and iter_num % cfg.eval_interval == 0) or last):
+        step_loss = None  # this step's validation loss, if it was evaluated
+        eval_step = (cfg.eval_interval and iter_num % cfg.eval_interval == 0) or last
+        if rt.master and eval_step:
             val_loss, metrics = evaluate(raw_model, dataset, cfg, rt, eval_fn)
+            step_loss = val_loss
             if val_loss is not None and (best_val is None or val_loss < best_val):
-                best_val = val_loss
+                best_val, kept["bad_evals"] = val_loss, 0
+            elif val_loss is not None:
+                kept["bad_evals"] += 1
             progress.record(step=iter_num, val_loss=val_loss, **metrics)
             shown = [f"val loss {val_loss:.4f}" if val_loss is not None else "no validation split"]
             progress.note(f"step {iter_num}: " + " | ".join(shown + [f"{k} {v:.4f}" for k, v in metrics.items()]))
+        patience = cfg.early_stopping_patience
+        if patience and eval_step and not last and agree(rt, rt.master and kept["bad_evals"] >= patience):
+            kept["stopped_early"] = last = True
+            progress.note(f"step {iter_num}: no better validation loss in {patience} evaluations; stopping early")
+        if cfg.save_steps and (iter_num % cfg.save_steps == 0 or last) and rt.master:
+            save_steps_checkpoint(raw_model, cfg, iter_num, step_loss, kept)
         if iter_num % cfg.checkpoint_interval == 0 or last:
-            save_checkpoint(raw_model, optimizer, scaler, dataset, cfg, rt, iter_num, best_val)
+            save_checkpoint(raw_model, optimizer, scaler, dataset, cfg, rt, iter_num, best_val, kept)
 
     elapsed = time.time() - t0
+    best = None if kept["best_step"] is None else os.path.join(cfg.out_dir, f"checkpoint-{kept['best_step']}")
+    if cfg.load_best_model_at_end and best and rt.master:  # out_dir/checkpoint keeps the last step, for --resume
+        restore_step_checkpoint(raw_model, best)
+        progress.note(f"best validation loss {kept['best_step_loss']:.4f} at step {kept['best_step']}: "
+                      f"the output is {best}'s weights")
     result = TrainResult(iter_num, losses, val_loss, best_val, metrics, elapsed, tokens / max(elapsed, 1e-9),
-                         peak_memory_mb(rt.device_type))
+                         peak_memory_mb(rt.device_type), best, kept["stopped_early"])
     if losses:
         progress.note(summary(result, cfg))
     return result
+
+
+def agree(rt, flag):
+    """The master's decision, on every rank (only the master evaluates), so all stop together."""
+    if not rt.ddp:
+        return flag
+    box = [flag]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def save_steps_checkpoint(raw_model, cfg, step, val_loss, kept):
+    """--save_steps: write checkpoint-{step}, note it if its validation loss is the best, apply --save_total_limit."""
+    save_step_checkpoint(raw_model, cfg.out_dir, step, val_loss)
+    if val_loss is not None and (kept["best_step_loss"] is None or val_loss < kept["best_step_loss"]):
+        kept["best_step"], kept["best_step_loss"] = step, val_loss
+    if cfg.save_total_limit:
+        best = None if kept["best_step"] is None else os.path.join(cfg.out_dir, f"checkpoint-{kept['best_step']}")
+        prune_step_checkpoints(cfg.out_dir, cfg.save_total_limit, keep=best if cfg.load_best_model_at_end else None)
 
 
 def stop(what, step, cfg, fix):

@@ -2,6 +2,7 @@
 
 import copy
 import importlib.util
+import io
 import os
 import subprocess
 import sys
@@ -11,6 +12,8 @@ import pytest
 import torch
 
 from minilora import GPT, GPTConfig, LoraConfig, apply_lora, save_adapter
+from minilora.runtime import setup_runtime
+from minilora.trainer import build_model, load_data, save_output, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,6 +23,16 @@ def run_script(name, *args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, os.path.join(ROOT, name), *args], capture_output=True, text=True,
                           cwd=ROOT, env=env, timeout=120)
+
+
+def run_training(cfg, eval_fn=None):
+    """train.py's flow in this process for a TrainConfig -> (model, TrainResult); progress goes nowhere."""
+    rt = setup_runtime(cfg)
+    model, info = build_model(cfg, rt)
+    dataset = load_data(cfg, info.tokenizer, model.config.block_size, rt)
+    result = train(model, dataset, cfg, rt, eval_fn=eval_fn, stream=io.StringIO())
+    save_output(model, cfg, info, rt, result)
+    return model, result
 
 
 def run_script_here(capsys, name, *args):

@@ -1,7 +1,6 @@
 """checkpoint-N directories (--save_steps, --save_total_limit, --load_best_model_at_end,
 --early_stopping_patience) and python -m minilora.convert: tiny models, a few steps each."""
 
-import io
 import json
 import os
 
@@ -14,11 +13,10 @@ from minilora.adapter_files import adapter_state_dict
 from minilora.checkpoint import step_checkpoints
 from minilora.cli import main_guard, parse_args
 from minilora.convert import main as convert_main
-from minilora.runtime import setup_runtime
 from minilora.safetensors import load_file
-from minilora.trainer import TrainConfig, build_model, load_data, save_output, train
+from minilora.trainer import TrainConfig
 
-from tests.scripts import run_script_here
+from scripts import run_script_here, run_training
 
 
 @pytest.fixture
@@ -45,13 +43,7 @@ def make_cfg(tmp_path, files, **kw):
     return TrainConfig(**{**defaults, **kw})
 
 
-def run(cfg, eval_fn=None):
-    rt = setup_runtime(cfg)
-    model, info = build_model(cfg, rt)
-    dataset = load_data(cfg, info.tokenizer, model.config.block_size, rt)
-    result = train(model, dataset, cfg, rt, eval_fn=eval_fn, stream=io.StringIO())
-    save_output(model, cfg, info, rt, result)
-    return model, result
+run = run_training  # train.py's flow, in process (tests/scripts.py)
 
 
 def lora_state(model):

@@ -18,7 +18,9 @@ from minilora.checkpoint import find_checkpoint
 from minilora.progress import Progress
 from minilora.runtime import Runtime, resolve_dtype, setup_runtime
 from minilora.trainer import (TrainConfig, build_model, configure_optimizer, forward_backward, get_lr, load_data,
-                              optimizer_step, save_output, total_iters, train)
+                              optimizer_step, total_iters, train)
+
+from scripts import run_training
 
 TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog {i % 7} times.\n" for i in range(400))
 
@@ -55,14 +57,7 @@ def make_cfg(tmp_path, data, **kw):
     return TrainConfig(**{**defaults, **kw})
 
 
-def run(cfg, eval_fn=None):
-    """train.py's flow, in process."""
-    rt = setup_runtime(cfg)
-    model, info = build_model(cfg, rt)
-    dataset = load_data(cfg, info.tokenizer, model.config.block_size, rt)
-    result = train(model, dataset, cfg, rt, eval_fn=eval_fn, stream=io.StringIO())
-    save_output(model, cfg, info, rt, result)
-    return model, result
+run = run_training  # train.py's flow, in process (tests/scripts.py)
 
 
 def trainable_state(model):

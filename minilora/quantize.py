@@ -125,7 +125,9 @@ _scratch = threading.local()  # the serving engine's thread and the caller's eac
 def _buffer(numel, dtype, device, slot=0):
     """A flat tensor of at least `numel` elements, reused across layers and calls (grown when too small)."""
     bufs = _scratch.__dict__.setdefault("bufs", {})
-    key = (dtype, str(device), slot)
+    # A buffer made under torch.inference_mode() can never be written outside it (generation, then training,
+    # as the quickstart does): one per mode.
+    key = (dtype, str(device), slot, torch.is_inference_mode_enabled())
     buf = bufs.get(key)
     if buf is None or buf.numel() < numel:
         buf = bufs[key] = torch.empty(numel, dtype=dtype, device=device)

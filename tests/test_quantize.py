@@ -260,3 +260,16 @@ def test_memory_planner_against_real_bytes():
     assert abs(plan["activations"] / saved - 1) < 0.1, (plan["activations"], saved)
     assert memory_plan(GPTConfig.from_name("llama-65b"), "qlora", LoraConfig(r=8), "nf4",
                        batch_size=1, seq_len=8)["weights"] < 48e9  # the QLoRA paper's headline: 65B on a 48 GB GPU
+
+
+def test_generation_under_inference_mode_then_training_on_a_quantized_base():
+    """The quickstart scores the base with generate() (inference mode), then trains: the scratch buffer must not
+    be an inference tensor the training forward then writes into."""
+    torch.manual_seed(0)
+    model = apply_lora(quantize(GPT(GPTConfig.from_name("tiny")), "nf4"), LoraConfig(r=2, target_modules="all-linear"))
+    with torch.inference_mode():
+        model(torch.zeros(1, 4, dtype=torch.long))
+    x = torch.randint(0, 257, (2, 8))
+    _, loss = model(x, x)
+    loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)

@@ -53,10 +53,11 @@ def matches(target, path):
 
 def find_targets(model, target_modules, layers_to_transform=None):
     """Paths of the linears a LoraConfig's target_modules / layers_to_transform name; an error lists what exists."""
-    # a wrapped layer (it has a base_layer) counts once, under its own path
-    wrapped = {id(m.base_layer) for _, m in model.named_modules() if hasattr(m, "base_layer")}
-    linears = [p for p, m in model.named_modules()
-               if hasattr(m, "base_layer") or isinstance(m, (nn.Linear, QuantizedLinear)) and id(m) not in wrapped]
+    # A wrapped layer (it has a base_layer) counts once, under its own path: its base_layer and its adapters'
+    # lora_A/lora_B linears are no targets (a second all-linear adapter must not put LoRA on the first's A and B).
+    wrapped = [p + "." for p, m in model.named_modules() if hasattr(m, "base_layer")]
+    linears = [p for p, m in model.named_modules() if (hasattr(m, "base_layer") or isinstance(m, (nn.Linear, QuantizedLinear)))
+               and not p.startswith(tuple(wrapped))]
     candidates, where = linears, ""
     if layers_to_transform is not None:
         block = {p: int(m.group(1)) for p in linears if (m := _BLOCK.match(p))}

@@ -416,3 +416,14 @@ def test_peft_dict_round_trip_and_refusals():
                        ({"rank_pattern": {"q_proj": 4}}, "rank_pattern"), ({"fan_in_fan_out": "no"}, "fan_in_fan_out")):
         with pytest.raises(MiniloraError, match=match):
             config_from_peft({**d, **bad})
+
+
+def test_a_second_all_linear_adapter_wraps_only_the_models_linears():
+    """all-linear means the model's linears: a second adapter never puts LoRA on the first one's lora_A/lora_B."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name("tiny"))
+    apply_lora(model, LoraConfig(r=4, target_modules="all-linear"), "a")
+    apply_lora(model, LoraConfig(r=4, target_modules="all-linear"), "b")
+    wrapped = [p for p, m in model.named_modules() if hasattr(m, "base_layer")]
+    assert wrapped and not any(".lora_" in p for p in wrapped)
+    assert all(set(model.get_submodule(p).lora_A) == {"a", "b"} for p in wrapped)

@@ -14,6 +14,7 @@ one batch whatever their adapters (minilora.serving). Every option, with its def
 
 import json
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -116,6 +117,9 @@ def main(argv=None):
     except OSError as e:
         raise MiniloraError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); pick another --port") from None
     engine.start()
+    # Ctrl-C (SIGINT) stops the server even when it was started in the background, where the shell
+    # leaves SIGINT ignored and Python would then never raise KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     print(f"serving {base_name} + adapters [{', '.join(adapters)}] on {server.url}/v1 "
           f"(max_num_seqs={engine.max_num_seqs}, max_loras={registry.max_loras}, max_model_len={engine.max_model_len})", flush=True)
     try:

@@ -137,5 +137,5 @@ def test_server_answers_with_the_adapter(llama_dir, tmp_path, capsys):
         answer = json.load(urllib.request.urlopen(req, timeout=60))
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=90)
+        proc.wait(timeout=30)
     assert answer["choices"][0]["text"] == want

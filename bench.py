@@ -42,8 +42,9 @@ from minilora.generation import generate
 from minilora.lora import LoraConfig, apply_lora, merge
 from minilora.memory import memory_plan
 from minilora.model import GPT
-from minilora.ops import linear
+from minilora.ops import kernel_report, linear
 from minilora.progress import peak_memory_mb
+from minilora.runtime import resolve_dtype
 from minilora.quantize import NF4, QuantizedLinear, nf4_quantize, quantize
 from minilora.serving_bench import bench_mixed_batch, bench_server
 
@@ -135,7 +136,10 @@ def worker_ceilings(p):
     probe = {name: matmul_gflops(BF16_PROBE_N, dtype) for name, dtype in DTYPES.items()}
     forced = os.environ.get(ASSUME_NO_BF16, "") not in ("", "0")
     native = probe["bf16"] >= probe["fp32"] and not forced
-    out = {"matmul_fp32_gflops": matmul_gflops(p["matmul_n"], torch.float32),
+    cfg = GPTConfig.from_name(p["train"][0], **p["train"][1])
+    rows = min(2048, p["train_rows"])
+    out = {"auto_dtype": "{} ({})".format(*resolve_dtype("auto", "cpu", (rows, cfg.n_embd, cfg.mlp_width))),
+           "matmul_fp32_gflops": matmul_gflops(p["matmul_n"], torch.float32),
            # without native bf16 the full-size bf16 matmul alone takes minutes: the probe's figure stands in
            "matmul_bf16_gflops": matmul_gflops(p["matmul_n"], torch.bfloat16) if native else probe["bf16"],
            "bandwidth_gbs": read_bandwidth_gbs(p["bandwidth_mb"])}
@@ -164,7 +168,7 @@ def worker_train(p):
     peak = matmul_gflops(p["matmul_n"], DTYPES[p["dtype"]])
     seconds = timed(step, p["repeats"])
     return dict(tokens_per_s=B * T / seconds, step_s=seconds, matmul_peak_gflops=peak, peak_rss_mb=peak_memory_mb("cpu"),
-                trainable_params=sum(q.numel() for q in trainable), loss_only=True)
+                trainable_params=sum(q.numel() for q in trainable), loss_only=True, kernels=kernel_report())
 
 
 def worker_families(p):
@@ -389,8 +393,9 @@ def bf16_skip_reason(bf16):
 
 def measure(mode):
     m = MODES[mode]
-    res = {"ceilings": run_worker("ceilings", dict(matmul_n=m["matmul_n"], bandwidth_mb=m["bandwidth_mb"]),
-                                  "machine ceilings")}
+    shape, B, T = m["train"]
+    res = {"ceilings": run_worker("ceilings", dict(matmul_n=m["matmul_n"], bandwidth_mb=m["bandwidth_mb"], train=shape,
+                                                   train_rows=B * T), "machine ceilings")}
     res["bf16"] = res["ceilings"].pop("bf16")
     res["bf16"]["skip_reason"] = skip = bf16_skip_reason(res["bf16"])
     if skip:
@@ -450,7 +455,7 @@ def report(mode, res):
             row(section, f"train_{kind}_{dtype}", f"{'LoRA r=8 q,v' if kind == 'lora' else 'full fine-tuning'} "
                 f"{'fp32' if dtype == 'fp32' else 'bf16 autocast'}", r["tokens_per_s"], "tok/s",
                 f"MFU {mfu:4.0%} of {r['matmul_peak_gflops']:.0f} GFLOP/s, peak RSS {r['peak_rss_mb']:6.0f} MB", mfu=mfu,
-                peak_rss_mb=r["peak_rss_mb"], flops_per_token=flops)
+                peak_rss_mb=r["peak_rss_mb"], flops_per_token=flops, kernels=r.get("kernels", []))
         ratio(f"train tok/s LoRA / full, {dtype}", res[f"train_lora_{dtype}"]["tokens_per_s"]
               / res[f"train_full_{dtype}"]["tokens_per_s"] if f"train_lora_{dtype}" in res else None, ">=", 1.7)
     mfu = {r["name"]: r["mfu"] for r in rows if "mfu" in r}
@@ -518,12 +523,17 @@ def format_table(mode, out):
              f"  {'memory read bandwidth (fp32 tensor.sum())':52s} {c['bandwidth_gbs']:9.1f} GB/s"]
     if skip:
         lines += ["", f"bf16 autocast training rows skipped: {skip}"]
+    lines += ["", f"train.py --dtype auto at the training shape: {out['auto_dtype']}"]
     section = None
     for r in out["rows"]:
         if r["section"] != section:
             section = r["section"]
             lines += ["", section]
         lines.append(f"  {r['label']:52s} {r['value']:9.1f} {r['unit']:7s} {r['detail']}")
+    for r in out["rows"]:  # the library each fp32 product ran on (minilora.ops.fp32_kernels), as measured
+        if r.get("kernels"):
+            lines += ["", f"fp32 kernels of '{r['label']}', chosen by timing MKL and oneDNN on the first step:"]
+            lines += [f"  {line}" for line in r["kernels"]]
     lines += ["", f"  {'ratio':52s} {'measured':>9s}  target"]
     for r in out["ratios"]:
         if r["value"] is None:
@@ -580,7 +590,8 @@ def main():
     rows, ratios = report(mode, res)
     out = dict(mode=mode, machine=dict(cpu=cpu_name(), cpu_flags=cpu_flags(), cores=os.cpu_count(), torch=torch.__version__,
                                        threads=torch.get_num_threads(), python=platform.python_version()),
-               ceilings=res["ceilings"], bf16=res["bf16"], rows=rows, ratios=ratios, raw=res,
+               ceilings=res["ceilings"], bf16=res["bf16"], auto_dtype=res["ceilings"].pop("auto_dtype"), rows=rows,
+               ratios=ratios, raw=res,
                skipped_rows=[name for name in [f"train_{kind}_bf16" for kind in ("lora", "full")]
                              + [f"family_{shape[0]}_bf16" for shape in MODES[mode]["families"][0]] if name not in res],
                flop_counting="MFU counts per token 6*N FLOPs for full fine-tuning and 4*N for LoRA (N = matmul "

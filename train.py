@@ -27,7 +27,7 @@ def main(argv=None):
     with start_run(cfg) as run:  # runtime (device, dtype, DDP), model + LoRA, data; leaves DDP at the end
         model, info, rt = run.model, run.info, run.rt
         if rt.master:
-            print(f"{info.kind} training on {rt.device} ({rt.dtype}, {rt.world_size} process"
+            print(f"{info.kind} training on {rt.device} ({rt.world_size} process"
                   f"{'es' if rt.ddp else ''}), base {info.base_model}, tokenizer {info.tokenizer}")
             print_trainable_parameters(model)
 

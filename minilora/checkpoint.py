@@ -34,6 +34,7 @@ from minilora.adapter_files import read_adapter, save_adapter, set_adapter_weigh
 from minilora.errors import MiniloraError
 from minilora.fileio import atomic_directory
 from minilora.model import GPT
+from minilora.ops import kernel_choices, use_kernel_choices
 from minilora.safetensors import load_file, save_file
 
 
@@ -97,7 +98,9 @@ def save_checkpoint(raw_model, optimizer, scaler, dataset, cfg, rt, iter_num, be
     weights = {n: p.detach().to("cpu").contiguous() for n, p in raw_model.named_parameters() if p.requires_grad}
     state = {"iter_num": iter_num, "best_val_loss": best_val_loss, "world_size": rt.world_size,
              "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rngs, "data": data_states,
-             "config": dataclasses.asdict(cfg), "progress": progress or {}}
+             "config": dataclasses.asdict(cfg), "progress": progress or {},
+             # what this run measured (--dtype auto, the fp32 kernels): a resumed run must not measure again
+             "dtype": rt.dtype, "fp32_kernels": kernel_choices()}
     with atomic_directory(os.path.join(cfg.out_dir, "checkpoint")) as tmp:
         save_file(weights, os.path.join(tmp, "model.safetensors"))
         torch.save(state, os.path.join(tmp, "state.pt"))
@@ -141,6 +144,9 @@ def load_checkpoint(path, raw_model, optimizer, scaler, dataset, cfg, rt):
               "the run continues, but not bit-identically")
     dataset.load_state_dict(state["data"][rt.rank if same_world else 0])
     set_rng_state(state["rng"][rt.rank if same_world else 0])
+    if cfg.dtype == "auto" and state.get("dtype"):
+        rt.dtype = state["dtype"]
+    use_kernel_choices(state.get("fp32_kernels", []))
     return state["iter_num"], state["best_val_loss"], state.get("progress", {})
 
 

@@ -24,6 +24,7 @@ import torch
 from minilora.config import GPTConfig
 from minilora.lora import LoraConfig, apply_lora, count_parameters
 from minilora.model import GPT
+from minilora.ops import LinearCrossEntropy
 from minilora.quantize import MAX_CHUNK, QuantizedLinear, quantize
 
 METHODS = ("full", "lora", "qlora")
@@ -135,11 +136,13 @@ def autocast_weight_copies(model, dtype):
 
 
 def transient_bytes(config, model, dtype, tokens):
-    """The largest short-lived buffers of a step: the chunked loss's head copy and logit chunk
-    (ops.LinearCrossEntropy, which the fp32 path also keeps transposed), and the dequantization buffer."""
-    Vp, E = config.vocab_size + -config.vocab_size % 64, config.embed_dim
+    """The largest short-lived buffers of a step: the chunked loss's logit chunk and head copies
+    (ops.LinearCrossEntropy: padded, and in fp32 at most also transposed, from PAD_MIN_ROWS tokens on;
+    cast to bf16 under autocast), and the dequantization buffer."""
+    padded = tokens >= LinearCrossEntropy.PAD_MIN_ROWS
+    Vp, E = config.vocab_size + (-config.vocab_size % 64 if padded else 0), config.embed_dim
     if dtype == "fp32":
-        loss = 2 * Vp * E * 4 + min(tokens, 128) * Vp * 4
+        loss = (2 * Vp * E * 4 if padded else 0) + min(tokens, 128) * Vp * 4
     else:
         loss = Vp * E * 2 + min(tokens, 512) * Vp * (2 + 4)
     # a layer is dequantized in row chunks of at most MAX_CHUNK weights

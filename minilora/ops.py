@@ -1,13 +1,21 @@
 """CPU kernels that buy measured speed; the model and the trainer call them, nothing here knows the model.
 
     linear(x, w, b)                 F.linear without autograd; fp32 on the CPU runs on oneDNN, not MKL
-    Linear                          nn.Linear that takes linear() when no gradient is wanted
+    train_linear(x, w, b)           F.linear with autograd; fp32 on the CPU runs on whichever of MKL and
+                                    oneDNN measured faster here, per product (forward, input and weight gradient)
+    Linear                          nn.Linear that takes linear() when no gradient is wanted, train_linear() otherwise
     LinearCrossEntropy.apply(...)   the head + cross-entropy in chunks, never holding (N, V) logits
+    matmul_speedup(dtype, m, k, n)  how much faster a matmul of this shape runs in dtype than in fp32, here
 """
+
+import os
+import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from minilora.errors import MiniloraError
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -19,10 +27,16 @@ class LinearCrossEntropy(torch.autograd.Function):
     their gradient for every token (3 x 412 MB at gpt2 8x256): -1.2 GB peak RSS there.
     Reusing the buffers matters for speed too: a fresh 100 MB tensor per chunk costs ~25k page
     faults on the CPU, which made the head + loss ~40% slower in bf16 (measured on the bench machine).
-    The vocabulary is padded to a multiple of 64 (MKL's fp32 GEMM ran ~45% faster at 50304 columns
-    than at 50257 there); the padded columns get -inf logits, so no probability and no gradient.
+    With many rows the vocabulary is padded to a multiple of 64 (MKL's fp32 GEMM ran ~45% faster at
+    50304 columns than at 50257 there); the padded columns get -inf logits, so no probability and
+    no gradient. That copy of the head (and, in fp32, its transpose) costs 2 x 154 MB at gpt2 and
+    is only worth it over many chunks, so fewer than PAD_MIN_ROWS rows use the weight as it is.
+    fp32 products run on the library fp32_kernels() measured faster here; the weight gradient stays
+    MKL's addmm_, which accumulates in place (oneDNN would write each chunk's (V, C) product anew).
     Ignored targets (-100) get zero loss and zero gradient.
     """
+
+    PAD_MIN_ROWS = 1024
 
     @staticmethod
     def forward(ctx, x, weight, targets, chunk=None):
@@ -31,11 +45,17 @@ class LinearCrossEntropy(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x.dtype
         fp32 = dtype == torch.float32
         chunk = min(N, chunk or (128 if fp32 else 512))  # the faster size for each on the bench machine
-        w = torch.empty(V + -V % 64, C, dtype=dtype, device=dev)  # (Vp, C), zero rows appended
-        w[:V] = weight.detach()
-        w[V:] = 0
-        bias = torch.zeros(w.shape[0], dtype=dtype, device=dev)
-        bias[V:] = float("-inf")
+        pad = -V % 64 if N >= LinearCrossEntropy.PAD_MIN_ROWS else 0
+        if pad or weight.dtype != dtype:
+            w = torch.empty(V + pad, C, dtype=dtype, device=dev)  # (Vp, C), zero rows appended
+            w[:V] = weight.detach()
+            w[V:] = 0
+        else:
+            w = weight.detach()
+        bias = None
+        if pad:
+            bias = torch.zeros(w.shape[0], dtype=dtype, device=dev)
+            bias[V:] = float("-inf")
         valid = targets != -100
         count = valid.sum().clamp(min=1)
         need_dx, need_dw = ctx.needs_input_grad[:2]
@@ -44,17 +64,21 @@ class LinearCrossEntropy(torch.autograd.Function):
         logits = torch.empty(chunk, w.shape[0], dtype=dtype, device=dev)  # the chunk's buffers
         probs = logits if fp32 else torch.empty(logits.shape, dtype=torch.float32, device=dev)
         dw_chunk = torch.empty(w.shape, dtype=dtype, device=dev) if need_dw and not fp32 else None
-        w_t = w.t().contiguous() if need_dx and fp32 else None  # dx = grad @ w as a linear() over w.T
+        kernels = fp32_kernels(x[:chunk], w, bias, products=PRODUCTS[:2]) if fp32 else {}  # dW: addmm_, below
+        # dx = grad @ w is a linear() over w.T; oneDNN would reorder a strided w.T at every chunk
+        w_t = w.t().contiguous() if need_dx and kernels.get("input_grad") == "onednn" else w.t()
         loss = torch.zeros((), dtype=torch.float32, device=dev)
         for i in range(0, N, chunk):
             n = min(chunk, N - i)
             xc, yc = x[i:i + n].to(dtype), targets[i:i + n].clamp(min=0)[:, None]
             scale = valid[i:i + n, None] / count  # (n, 1): d(mean loss) / d(this row's loss)
             z, p = logits[:n], probs[:n]
-            if fp32:
-                z.copy_(linear(xc, w, bias))  # oneDNN; its output (25 MB) stays below malloc's mmap threshold
-            else:
+            if kernels.get("forward") == "onednn":
+                z.copy_(_onednn_linear(xc, w, bias))  # its output (25 MB) stays below malloc's mmap threshold
+            elif bias is not None:
                 torch.addmm(bias, xc, w.t(), out=z)
+            else:
+                torch.mm(xc, w.t(), out=z)
             z_target = z.gather(1, yc).float()
             if p is not z:
                 p.copy_(z)
@@ -65,7 +89,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 p.mul_(scale / total).scatter_add_(1, yc, -scale)  # (softmax - one_hot) * scale
                 grad = p if p is z else z.copy_(p)
                 if need_dx:
-                    dx[i:i + n] = linear(grad, w_t) if fp32 else grad @ w
+                    dx[i:i + n] = kernel_linear(kernels.get("input_grad"), grad, w_t)
                 if need_dw and fp32:
                     dw.addmm_(grad.t(), xc)
                 elif need_dw:
@@ -89,6 +113,10 @@ def _use_onednn(x, weight):
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
+def _onednn_linear(x, weight, bias=None):
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
 def linear(x, weight, bias=None):
     """F.linear for use without autograd; fp32 on the CPU goes to oneDNN rather than MKL.
 
@@ -97,16 +125,159 @@ def linear(x, weight, bias=None):
     of the bandwidth, which is what batch-1 decoding is bound by. Same results to fp32 rounding.
     """
     if _use_onednn(x, weight):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return _onednn_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
-class Linear(nn.Linear):
-    """nn.Linear that uses linear() above when no gradient is wanted (generation, serving, eval).
+# ---- fp32 training products: MKL or oneDNN, whichever this CPU runs faster -------------------------
+#
+# A training linear is three products: forward y = x W^T, input gradient dx = g W, and (when W
+# trains) weight gradient dW = g^T x. torch sends all three to MKL in fp32. Which library is
+# faster depends on the CPU: on an AMD EPYC Zen 2, oneDNN ran these shapes 1.2-1.45x faster than
+# MKL; on a Zen 4 the two were even; on a Sapphire Rapids Xeon MKL won some and lost others. So
+# the first training call for each weight shape times both libraries on that call's own tensors
+# and keeps the choice for the process. Each product is a linear() of some operands, so one
+# function runs all three on either library: dx = linear(g, W^T), dW = linear(g^T, x^T).
 
-    Training keeps F.linear and its autograd: a oneDNN autograd function measured no faster for
-    a LoRA step (fp32, gpt2 8x256). bf16/fp16 run on oneDNN through F.linear already.
-    """
+KERNEL_ENV = "MINILORA_FP32_KERNEL"  # "mkl" or "onednn" forces one library for every product; unset: measure
+PRODUCTS = ("forward", "input_grad", "weight_grad")
+# Below this many FLOPs a product takes well under a millisecond: not worth timing, and timings that
+# short are noise, which would make the choice (and so the last bits of the results) vary by run.
+MIN_TIMED_FLOPS = 2 ** 26
+MARGIN = 1.05  # oneDNN must beat MKL (torch's own choice) by 5% to be taken: ties keep torch's default
+
+_choices = {}  # (product, weight shape) -> {"kernel": "mkl" | "onednn", "mkl_s": ..., "onednn_s": ...}
+
+
+def kernel_linear(kernel, x, weight, bias=None):
+    """x @ weight.T (+ bias) on one library: "mkl" (torch's F.linear) or "onednn". Strided views are fine."""
+    return _onednn_linear(x, weight, bias) if kernel == "onednn" else F.linear(x, weight, bias)
+
+
+def _seconds(fn, repeats=2):
+    fn()  # warm-up: first calls pay for page faults and oneDNN's kernel creation
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def _choose(product, operands, flops):
+    forced = os.environ.get(KERNEL_ENV, "")
+    if forced:
+        if forced not in ("mkl", "onednn"):
+            raise MiniloraError(f"{KERNEL_ENV}={forced!r}: set it to mkl or onednn, or unset it to measure")
+        return dict(kernel=forced if _ONEDNN_LINEAR else "mkl", reason=f"{KERNEL_ENV}={forced}")
+    if not _ONEDNN_LINEAR or flops < MIN_TIMED_FLOPS:
+        return dict(kernel="mkl", reason="not timed: too small" if _ONEDNN_LINEAR else "no oneDNN in this torch")
+    t = {k: _seconds(lambda: kernel_linear(k, *operands)) for k in ("mkl", "onednn")}
+    return dict(kernel="onednn" if t["onednn"] * MARGIN < t["mkl"] else "mkl", mkl_s=t["mkl"], onednn_s=t["onednn"],
+                reason=f"measured: oneDNN {t['mkl'] / t['onednn']:.2f}x MKL's speed")
+
+
+def fp32_kernels(x, weight, bias=None, products=None):
+    """{product: "mkl" | "onednn"} for a weight of this shape, each measured on its first use (rows capped
+    at 1024). By default the products autograd will run: the weight gradient only for a weight that trains."""
+    key = tuple(weight.shape)
+    products = products or (PRODUCTS if weight.requires_grad else PRODUCTS[:2])
+    if any((p, key) not in _choices for p in products):
+        with torch.no_grad():
+            x2 = x.detach().reshape(-1, x.shape[-1])[:1024]  # (M, K)
+            w = weight.detach()  # (N, K)
+            # (M, N): any values, only the time matters; from a generator of its own, as drawing from the global
+            # one would change every later dropout mask (and break --resume's exactness)
+            g = torch.randn(x2.shape[0], w.shape[0], generator=torch.Generator().manual_seed(0))
+            operands = {"forward": (x2, w, None if bias is None else bias.detach()),
+                        "input_grad": (g, w.t()), "weight_grad": (g.t(), x2.t())}
+            for p in products:
+                if (p, key) not in _choices:
+                    _choices[p, key] = _choose(p, operands[p], 2 * x2.shape[0] * w.shape[0] * w.shape[1])
+    return {p: _choices[p, key]["kernel"] for p in products}
+
+
+def kernel_choices():
+    """The choices made so far, [[product, shape, kernel], ...]: a training checkpoint carries them."""
+    return [[p, list(shape), c["kernel"]] for (p, shape), c in _choices.items()]
+
+
+def use_kernel_choices(choices):
+    """Take a checkpoint's choices, so a resumed run computes exactly as the interrupted one did
+    (a new measurement could choose the other library, which rounds differently)."""
+    for p, shape, kernel in choices:
+        _choices[p, tuple(shape)] = dict(kernel=kernel, reason="as the checkpoint's run measured")
+
+
+def kernel_report():
+    """One line per (product, weight shape) chosen so far in this process, for train.py and bench.py to print."""
+    return [f"{p:11s} {'x'.join(map(str, shape)):>11s}: {c['kernel']:6s} ({c['reason']})"
+            for (p, shape), c in sorted(_choices.items(), key=lambda kv: (kv[0][1], PRODUCTS.index(kv[0][0])))]
+
+
+def kernel_summary():
+    """"fp32 matmul products by measurement: oneDNN for 4, MKL for 9 (...)" or "" when nothing was timed."""
+    timed = [c for c in _choices.values() if "onednn_s" in c]
+    if not timed:
+        return ""
+    dnn = sum(c["kernel"] == "onednn" for c in timed)
+    return (f"fp32 matmul products, timed on the first step: oneDNN for {dnn}, MKL for {len(timed) - dnn} "
+            f"of {len(timed)} (bench.py --quick lists them; {KERNEL_ENV}=mkl|onednn forces one)")
+
+
+class KernelLinear(torch.autograd.Function):
+    """F.linear whose three products each run on the library chosen for them; same values to fp32 rounding."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, kernels):
+        ctx.kernels = kernels
+        ctx.save_for_backward(x if weight.requires_grad else None, weight)  # x only when dW is wanted
+        return kernel_linear(kernels["forward"], x, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        g = grad.reshape(-1, grad.shape[-1])  # (M, N)
+        dx = kernel_linear(ctx.kernels["input_grad"], g, weight.t()).view(*grad.shape[:-1], -1) if need_dx else None
+        dw = (kernel_linear(ctx.kernels["weight_grad"], g.t(), x.reshape(-1, x.shape[-1]).t()) if need_dw else None)
+        return dx, dw, g.sum(0) if need_db else None, None
+
+
+def train_linear(x, weight, bias=None):
+    """F.linear with autograd; in fp32 on the CPU each product runs on the library measured faster here."""
+    if not _use_onednn(x, weight):
+        return F.linear(x, weight, bias)  # bf16/fp16 (oneDNN already), CUDA, or under torch.compile
+    kernels = fp32_kernels(x, weight, bias)
+    if all(k == "mkl" for k in kernels.values()):
+        return F.linear(x, weight, bias)  # torch's own path: nothing to gain from a Python autograd function
+    return KernelLinear.apply(x, weight, bias, kernels)
+
+
+class Linear(nn.Linear):
+    """nn.Linear that runs linear() when no gradient is wanted (generation, serving, eval), train_linear() otherwise."""
 
     def forward(self, x):
-        return super().forward(x) if torch.is_grad_enabled() else linear(x, self.weight, self.bias)
+        return train_linear(x, self.weight, self.bias) if torch.is_grad_enabled() else linear(x, self.weight, self.bias)
+
+
+# ---- dtype by measurement ------------------------------------------------------------------------
+
+_speedups = {}
+
+
+def matmul_speedup(dtype, m, k, n):
+    """fp32 time / dtype time of an (m, k) x (k, n) CPU matmul, measured once per shape in this process.
+
+    bf16 is 2-6x faster than fp32 where the CPU has bf16 instructions (AVX512-BF16, AMX) and slower
+    where it is emulated (AVX2-only CPUs such as AMD Zen 2); at small widths (128) it was no faster
+    even with AMX. The caller compares this against its own margin."""
+    key = (dtype, m, k, n)
+    if key not in _speedups:
+        g = torch.Generator().manual_seed(0)
+        a, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+        fp32 = _seconds(lambda: F.linear(a, b), repeats=3)
+        a, b = a.to(dtype), b.to(dtype)
+        _speedups[key] = fp32 / _seconds(lambda: F.linear(a, b), repeats=3)
+    return _speedups[key]

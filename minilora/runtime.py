@@ -1,11 +1,13 @@
 """Where and how a training run computes: the device, the precision, and the processes (DDP).
 
-    rt = setup_runtime(cfg)       # picks the device and dtype, joins torchrun's process group, seeds
+    rt = setup_runtime(cfg)       # picks the device (and the dtype, but "auto" on the CPU), joins torchrun's group, seeds
+    rt.dtype, why = resolve_dtype(cfg.dtype, rt.device_type, (rows, n_embd, mlp_width))  # by measurement
     with autocast_context(rt.device_type, rt.dtype): ...
     cleanup(rt)                   # leaves the process group
 """
 
 import os
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -14,6 +16,7 @@ import torch.distributed as dist
 
 from minilora.checkpoint import seed_everything
 from minilora.errors import MiniloraError
+from minilora.ops import matmul_speedup
 
 
 @dataclass
@@ -47,12 +50,38 @@ def pick_device(name="auto"):
     return "cpu"
 
 
-def resolve_dtype(dtype, device_type):
-    if dtype == "auto":
-        return "bf16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+# bf16 autocast casts weights and activations every step, and attention, norms and the optimizer do
+# not speed up with it: the model's matmuls must run this much faster in bf16 for the step to gain.
+BF16_MIN_SPEEDUP = 1.3
+BF16_PROBE = (512, 512, 512)  # the shape that tells whether a CPU has bf16 instructions at all
+
+
+def resolve_dtype(dtype, device_type, matmul_shape=None):
+    """-> (dtype, why). "auto" is bf16 on a CUDA GPU that has it, and on the CPU only where a matmul of the
+    model's own shape (matmul_shape = rows, in, out) measures BF16_MIN_SPEEDUP x faster in bf16 than fp32.
+    Explicit bf16 on a CPU that emulates it (measured slower than fp32) warns with the figure."""
     if dtype == "fp16" and device_type != "cuda":
         raise MiniloraError(f"--dtype fp16 needs a CUDA GPU (it relies on a GradScaler); on {device_type} use bf16 or fp32")
-    return dtype
+    if device_type == "cuda" and dtype == "auto":
+        return ("bf16", "auto: this GPU has bf16") if torch.cuda.is_bf16_supported() else ("fp32", "auto: no bf16 on this GPU")
+    if device_type != "cpu" or dtype == "fp32":
+        return ("fp32" if dtype == "auto" else dtype), ("as asked" if dtype != "auto" else "auto")
+    if dtype == "bf16":
+        speedup = matmul_speedup(torch.bfloat16, *BF16_PROBE)
+        if speedup < 1:
+            warnings.warn(f"--dtype bf16 is slower than fp32 on this CPU: a {'x'.join(map(str, BF16_PROBE))} matmul "
+                          f"measured {speedup:.2f}x fp32's speed in bf16 (no bf16 instructions?); --dtype auto picks "
+                          "the faster one", stacklevel=2)
+        return "bf16", "as asked"
+    m, k, n = matmul_shape or BF16_PROBE
+    whose = "the model's" if matmul_shape else "a"
+    if 2 * m * k * n < 2 ** 26:  # well under a millisecond: too short to time, and the casts would cost more
+        return "fp32", f"auto: {whose} {m}x{k}x{n} matmul is too small for bf16 to pay"
+    speedup = matmul_speedup(torch.bfloat16, m, k, n)
+    measured = f"auto: {whose} {m}x{k}x{n} matmul measured {speedup:.2f}x fp32's speed in bf16 here"
+    if speedup >= BF16_MIN_SPEEDUP:
+        return "bf16", measured
+    return "fp32", f"{measured}; bf16 autocast needs {BF16_MIN_SPEEDUP}x to pay for its casts"
 
 
 def autocast_context(device_type, dtype):
@@ -60,6 +89,41 @@ def autocast_context(device_type, dtype):
     if dtype == "fp32":
         return nullcontext()
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
+
+
+def usable_cores(sys_root="/sys"):
+    """Physical cores this process may run on: the CPUs of its affinity mask (taskset, cpusets), SMT
+    siblings counted once, and no more than a cgroup CPU quota (docker --cpus) allows.
+
+    torch starts with one thread per physical core of the whole machine (c10's defaultNumThreads, via
+    cpuinfo), whatever the mask or quota says; more threads than cores makes every matmul wait at its
+    barrier for a thread that is not running (see README, Performance: threads)."""
+    cores = set()
+    for cpu in os.sched_getaffinity(0):
+        topology = os.path.join(sys_root, f"devices/system/cpu/cpu{cpu}/topology")
+        try:
+            with open(os.path.join(topology, "physical_package_id")) as f, open(os.path.join(topology, "core_id")) as g:
+                cores.add((f.read().strip(), g.read().strip()))
+        except OSError:
+            cores.add(("cpu", cpu))  # no topology in sysfs: count the CPU as a core
+    try:
+        with open(os.path.join(sys_root, "fs/cgroup/cpu.max")) as f:
+            quota, period = f.read().split()
+        quota = len(cores) if quota == "max" else -(-int(quota) // int(period))  # ceil: 1.5 CPUs -> 2 threads
+    except (OSError, ValueError):
+        quota = len(cores)
+    return max(1, min(len(cores), quota))
+
+
+def limit_threads():
+    """Cap torch's threads at usable_cores() (never raise them: OMP_NUM_THREADS, torchrun's 1 per process
+    and torch.set_num_threads stand). -> a line saying what changed, or None."""
+    threads, cores = torch.get_num_threads(), usable_cores()
+    if threads > cores and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(cores)
+        return f"threads: {cores} (torch started {threads}, one per physical core of the machine; this process " \
+               f"may run on {cores}: set OMP_NUM_THREADS to choose)"
+    return None
 
 
 def setup_runtime(cfg):
@@ -72,7 +136,13 @@ def setup_runtime(cfg):
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    rt = Runtime(device, resolve_dtype(cfg.dtype, device.split(":")[0]), rank, local_rank, world_size)
+    device_type = device.split(":")[0]
+    # On the CPU "auto" needs the model's shapes: trainer.train decides it (resolve_dtype with matmul_shape).
+    dtype = cfg.dtype if device_type == "cpu" and cfg.dtype != "fp16" else resolve_dtype(cfg.dtype, device_type)[0]
+    rt = Runtime(device, dtype, rank, local_rank, world_size)
+    threads = limit_threads() if device_type == "cpu" else None
+    if threads and rt.master:
+        print(threads)
     # Every rank builds the same initial model from the same seed (DDP also broadcasts rank 0's);
     # train() reseeds with seed + rank, so dropout masks differ per rank.
     seed_everything(cfg.seed)

@@ -42,10 +42,11 @@ from minilora.loading import RUN_FILE, RunInfo, load_model, model_config, templa
 from minilora.lora import LoraConfig, apply_lora, count_parameters, merge_and_unload, trainable_line
 from minilora.targets import split_list, target_modules_arg
 from minilora.model import GPT
+from minilora.ops import kernel_summary
 from minilora.params import format_report, parameter_report
 from minilora.progress import Progress, fmt_time, peak_memory_mb
 from minilora.quantize import quantize
-from minilora.runtime import autocast_context, cleanup, setup_runtime
+from minilora.runtime import autocast_context, cleanup, resolve_dtype, setup_runtime
 from minilora.tasks import exact_match_accuracy
 from minilora.tokenizer import get_tokenizer
 
@@ -127,7 +128,8 @@ class TrainConfig:
                                                        "evaluations in a row; default: never")
     # ---- system ----
     device: str = opt("auto", "auto (cuda, mps, cpu), or e.g. cpu, cuda, cuda:1")
-    dtype: str = opt("auto", "fp32, bf16 (CPU and CUDA), fp16 (CUDA, with GradScaler); auto = bf16 on CUDA if supported, else fp32",
+    dtype: str = opt("auto", "fp32, bf16 (CPU and CUDA), fp16 (CUDA, with GradScaler); auto = bf16 where it is faster (a CUDA "
+                     "GPU with bf16; a CPU whose bf16 matmul at the model's shape measures 1.3x fp32's), else fp32",
                      choices=["auto", "fp32", "bf16", "fp16"])
     compile: bool = opt(False, "torch.compile the model")
     gradient_checkpointing: bool = opt(False, "recompute each block's activations in the backward pass: far less "
@@ -446,6 +448,16 @@ class TrainResult:
     stopped_early: bool = False                  # --early_stopping_patience ended the run before max_iters
 
 
+def training_dtype(cfg, rt, config):
+    """-> (dtype, why) for this run: --dtype auto measures bf16 against fp32 on the model's widest matmul
+    (runtime.resolve_dtype). Under DDP every rank takes rank 0's answer, so all ranks compute alike."""
+    rows = min(2048, cfg.batch_size * (cfg.block_size or config.block_size))  # tokens per micro-batch, capped
+    choice = list(resolve_dtype(cfg.dtype, rt.device_type, (rows, config.n_embd, config.mlp_width)))
+    if rt.ddp:
+        dist.broadcast_object_list(choice, src=0)
+    return tuple(choice)
+
+
 def total_iters(cfg, dataset, rt):
     """--max_iters, or --epochs converted to optimizer steps (each takes batch_size*grad_accum*world rows)."""
     if cfg.epochs is None:
@@ -462,6 +474,7 @@ def train(model, dataset, cfg, rt, eval_fn=None, stream=None):
     """
     cfg = dataclasses.replace(cfg, max_iters=total_iters(cfg, dataset, rt))
     raw_model = model
+    rt.dtype, why = training_dtype(cfg, rt, raw_model.config)
     optimizer = configure_optimizer(raw_model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type,
                                     cfg.loraplus_lr_ratio)
     # fp16's narrow range needs loss scaling; bf16 has fp32's exponent range, so its scaler stays off
@@ -469,7 +482,10 @@ def train(model, dataset, cfg, rt, eval_fn=None, stream=None):
     iter_num, best_val, kept = 0, None, {}
     checkpoint = find_checkpoint(cfg.out_dir)
     if cfg.resume and checkpoint:
+        measured = rt.dtype
         iter_num, best_val, kept = load_checkpoint(checkpoint, raw_model, optimizer, scaler, dataset, cfg, rt)
+        if rt.dtype != measured:  # --dtype auto keeps what the run measured when it started: resuming is exact
+            why = "auto: as measured when this run started"
     elif checkpoint and not cfg.resume:
         raise MiniloraError(f"{cfg.out_dir} already holds a checkpoint; pass --resume to continue it, "
                             "or choose a new --out_dir")
@@ -478,6 +494,7 @@ def train(model, dataset, cfg, rt, eval_fn=None, stream=None):
             print(f"--resume: no checkpoint in {cfg.out_dir} yet, starting at step 0")
         seed_everything(cfg.seed + rt.rank)  # from here on: per-rank dropout, independent of model building
     progress = Progress(cfg.out_dir, rt.master, iter_num if cfg.resume else None, stream)
+    progress.note(f"precision: {rt.dtype if rt.dtype == 'fp32' else rt.dtype + ' autocast'} ({why})")
     if cfg.compile:
         model = torch.compile(model)
     if rt.ddp:
@@ -507,6 +524,8 @@ def train(model, dataset, cfg, rt, eval_fn=None, stream=None):
             raise stop(f"non-finite gradient norm ({grad_norm})", iter_num + 1, cfg,
                        "Lower --lora_alpha (updates are scaled by alpha/r) or --learning_rate")
         iter_num += 1
+        if iter_num == start_iter + 1 and kernel_summary():  # the first step measured the fp32 kernels
+            progress.note(kernel_summary())
         n = sum(x.numel() for x, _ in batches) * rt.world_size
         tokens, tokens_log = tokens + n, tokens_log + n
         losses[iter_num] = loss

@@ -30,7 +30,7 @@ def run_training(cfg, eval_fn=None):
     rt = setup_runtime(cfg)
     model, info = build_model(cfg, rt)
     dataset = load_data(cfg, info.tokenizer, model.config.block_size, rt)
-    result = train(model, dataset, cfg, rt, eval_fn=eval_fn, stream=io.StringIO())
+    result = train(model, dataset, cfg, rt, eval_fn=eval_fn, stream=io.StringIO(), info=info)
     save_output(model, cfg, info, rt, result)
     return model, result
 

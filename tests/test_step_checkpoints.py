@@ -85,6 +85,20 @@ def test_checkpoint_n_is_the_adapter_at_step_n(tmp_path, files, preset, capsys):
     assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], rtol=0, atol=1e-6) for k in want)
 
 
+def test_a_chat_run_s_checkpoint_n_carries_its_chat_template(tmp_path, capsys):
+    """generate.py --adapter out/checkpoint-N --chat renders conversations as the run trained on them."""
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "Capital of Peru?"},
+                                                                  {"role": "assistant", "content": "Lima"}]}) + "\n")
+    out = tmp_path / "out"
+    code, text, err = run_script_here(capsys, "train.py", "--init_from", base(tmp_path), "--data", str(tmp_path / "chat.jsonl"),
+                                      "--chat_template", "plain", "--out_dir", str(out), "--max_iters", "1",
+                                      "--save_steps", "1", "--batch_size", "1")
+    assert code == 0, err
+    assert (out / "checkpoint-1" / "chat_template.jinja").read_text() == (out / "chat_template.jinja").read_text()
+    assert "'Assistant:" in (out / "chat_template.jinja").read_text()  # the plain template's own text
+    assert json.loads((out / "checkpoint-1" / "minilora.json").read_text())["chat_template"] == "plain"
+
+
 def test_full_finetuning_checkpoints_are_hf_models_and_the_limit_prunes(tmp_path, files):
     model, _ = run(make_cfg(tmp_path, files, init_from="scratch", model="tiny", lora_r=0, max_iters=3,
                             save_steps=1, save_total_limit=2))

@@ -31,7 +31,7 @@ def main(argv=None):
                   f"{'es' if rt.ddp else ''}), base {info.base_model}, tokenizer {info.tokenizer}")
             print_trainable_parameters(model)
 
-        result = train(model, run.dataset, cfg, rt, eval_fn=run.eval_fn)
+        result = train(model, run.dataset, cfg, rt, eval_fn=run.eval_fn, info=info)
 
         save_output(model, cfg, info, rt, result)
         if rt.master:

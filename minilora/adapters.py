@@ -179,6 +179,8 @@ class RowAdapters:
         its neighbours use (the server's "same answer alone or batched").
         """
         slot = self.row_slot
+        if not self.slots:  # every row on the base model (the adapters' rows have finished, say): nothing to add
+            return result
         if self.single is not None:  # one adapter for the whole batch: the plain path at its own rank
             name = self.single
             return result + layer.lora_update(x, name, result).to(result.dtype) if name in layer.lora_A else result
@@ -203,7 +205,7 @@ class RowAdapters:
             A = torch.zeros(layer.in_features, sum(ranks), dtype=ref.dtype, device=ref.device)
             B = torch.zeros(sum(ranks), layer.out_features, dtype=ref.dtype, device=ref.device)
             col_slot = torch.repeat_interleave(torch.arange(len(ranks), device=ref.device),
-                                               torch.tensor(ranks, device=ref.device))
+                                               torch.tensor(ranks, dtype=torch.long, device=ref.device))
             start = 0
             for n, width in zip(self.slots, ranks):
                 if n in layer.lora_A:

@@ -11,9 +11,11 @@ sibling and renamed into place, so a kill at any moment leaves the previous one 
 With --save_steps, out_dir/checkpoint-N/ directories are written beside it: each is a complete
 PEFT adapter (adapter_config.json + adapter_model.safetensors; with --lora_r 0 the model in its HF
 layout) that generate.py --adapter and PEFT load as they are, plus trainer_state.json (the step and
-its validation loss). They are products to pick from, not resume points: --resume reads checkpoint/.
+its validation loss) and train.py's minilora.json (so `--init_from out_dir/checkpoint-N` starts a new
+run from that step's weights, as from any output directory). They are products to pick from, not
+resume points: --resume reads checkpoint/.
 
-    path = save_step_checkpoint(raw_model, out_dir, step, val_loss)
+    path = save_step_checkpoint(raw_model, out_dir, step, val_loss, {"minilora.json": text})
     prune_step_checkpoints(out_dir, limit, keep=best_path)   # --save_total_limit
     restore_step_checkpoint(raw_model, best_path)            # --load_best_model_at_end
 """
@@ -166,9 +168,10 @@ def step_checkpoints(out_dir):
     return sorted(found)
 
 
-def save_step_checkpoint(raw_model, out_dir, step, val_loss=None):
+def save_step_checkpoint(raw_model, out_dir, step, val_loss=None, extra_files=None):
     """Write out_dir/checkpoint-{step}: the adapter (or, without LoRA, the whole model) as the run's output
-    would be at this step, + trainer_state.json; in one rename, so it is complete or absent. -> its path."""
+    would be at this step, + trainer_state.json + extra_files ({name: text}, the trainer's minilora.json and
+    chat template); in one rename, so it is complete or absent. -> its path."""
     path = os.path.join(out_dir, f"checkpoint-{step}")
     with atomic_directory(path) as tmp:
         # save_adapter/save_pretrained each want a directory of their own; their files move up one level
@@ -183,6 +186,9 @@ def save_step_checkpoint(raw_model, out_dir, step, val_loss=None):
         with open(os.path.join(tmp, STEP_STATE), "w", encoding="utf-8") as f:
             json.dump({"global_step": step, "val_loss": val_loss}, f, indent=2)
             f.write("\n")
+        for name, text in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)
     return path
 
 

@@ -315,7 +315,9 @@ class SFTTrainer:
             gpt.train()
             tokenizer = self.tokenizer or get_tokenizer(gpt.config.tokenizer)
             dataset = load_data(cfg, tokenizer, gpt.config.block_size, rt)
-            self.state = train(gpt, dataset, cfg, rt, eval_fn=task_eval_fn(dataset, tokenizer, 0, cfg.block_size))
+            base = getattr(gpt, "name_or_path", None)  # as save_model: checkpoint-N names its base only if it is known
+            info = RunInfo("lora" if getattr(gpt, "peft_config", None) else "full", base, gpt.config.tokenizer) if base else None
+            self.state = train(gpt, dataset, cfg, rt, eval_fn=task_eval_fn(dataset, tokenizer, 0, cfg.block_size), info=info)
             completed = True
         finally:
             cleanup(rt, completed=completed)

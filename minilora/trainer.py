@@ -34,7 +34,7 @@ from minilora.checkpoint import find_checkpoint, load_checkpoint, prune_step_che
     rng_state, save_checkpoint, save_step_checkpoint, seed_everything, set_rng_state
 from minilora.cli import opt
 from minilora.config import PRESETS
-from minilora.chat import load_chat_template, write_template
+from minilora.chat import TEMPLATE_FILE, load_chat_template, write_template
 from minilora.data import is_conversational, load_dataset
 from minilora.errors import MiniloraError
 from minilora.fileio import atomic_open
@@ -466,11 +466,13 @@ def total_iters(cfg, dataset, rt):
     return max(1, math.ceil(cfg.epochs * batches / cfg.grad_accum))
 
 
-def train(model, dataset, cfg, rt, eval_fn=None, stream=None):
+def train(model, dataset, cfg, rt, eval_fn=None, stream=None, info=None):
     """Run the optimizer steps `cfg` asks for (resuming from out_dir/checkpoint with cfg.resume).
 
     eval_fn(model) -> dict of metrics runs at each evaluation beside the validation loss (on the
     master process only). The model is trained in place; the returned TrainResult has the numbers.
+    info: the run's RunInfo (start_run's run.info); with it, each checkpoint-N gets minilora.json (and
+    the chat template) like the final output, so --init_from can start from it.
     """
     cfg = dataclasses.replace(cfg, max_iters=total_iters(cfg, dataset, rt))
     raw_model = model
@@ -556,7 +558,7 @@ def train(model, dataset, cfg, rt, eval_fn=None, stream=None):
             kept["stopped_early"] = last = True
             progress.note(f"step {iter_num}: no better validation loss in {patience} evaluations; stopping early")
         if cfg.save_steps and (iter_num % cfg.save_steps == 0 or last) and rt.master:
-            save_steps_checkpoint(raw_model, cfg, iter_num, step_loss, kept)
+            save_steps_checkpoint(raw_model, cfg, iter_num, step_loss, kept, info)
         if iter_num % cfg.checkpoint_interval == 0 or last:
             save_checkpoint(raw_model, optimizer, scaler, dataset, cfg, rt, iter_num, best_val, kept)
 
@@ -582,9 +584,14 @@ def agree(rt, flag):
     return box[0]
 
 
-def save_steps_checkpoint(raw_model, cfg, step, val_loss, kept):
+def save_steps_checkpoint(raw_model, cfg, step, val_loss, kept, info=None):
     """--save_steps: write checkpoint-{step}, note it if its validation loss is the best, apply --save_total_limit."""
-    save_step_checkpoint(raw_model, cfg.out_dir, step, val_loss)
+    extra = {}
+    if info is not None:  # what save_output writes beside the weights, as of this step
+        extra[RUN_FILE] = json.dumps(run_record(raw_model, cfg, info, step, val_loss), indent=2) + "\n"
+        if info.chat_template is not None:
+            extra[TEMPLATE_FILE] = info.chat_template.source
+    save_step_checkpoint(raw_model, cfg.out_dir, step, val_loss, extra)
     if val_loss is not None and (kept["best_step_loss"] is None or val_loss < kept["best_step_loss"]):
         kept["best_step"], kept["best_step_loss"] = step, val_loss
     if cfg.save_total_limit:
@@ -637,10 +644,16 @@ def save_output(model, cfg, info, rt, result=None):
             os.replace(os.path.join(target, name), os.path.join(cfg.out_dir, name))
     if info.chat_template is not None:  # generate.py and serve.py render conversations the way training did
         write_template(info.chat_template, cfg.out_dir)
-    run = {"kind": info.kind, "base_model": info.base_model, "tokenizer": info.tokenizer,
-           "chat_template": info.chat_template and info.chat_template.name,
-           "model_config": model.config.to_dict(), "iter_num": result.iter_num if result else None,
-           "val_loss": result.val_loss if result else None, "train_config": dataclasses.asdict(cfg)}
+    run = run_record(model, cfg, info, result.iter_num if result else None, result.val_loss if result else None)
     with atomic_open(os.path.join(cfg.out_dir, RUN_FILE), "w") as f:
         json.dump(run, f, indent=2)
         f.write("\n")
+
+
+def run_record(model, cfg, info, iter_num=None, val_loss=None):
+    """minilora.json: what the directory holds (kind), its base and tokenizer (what --init_from and
+    generate.py load it with), and the run that made it."""
+    return {"kind": info.kind, "base_model": info.base_model, "tokenizer": info.tokenizer,
+            "chat_template": info.chat_template and info.chat_template.name,
+            "model_config": model.config.to_dict(), "iter_num": iter_num, "val_loss": val_loss,
+            "train_config": dataclasses.asdict(cfg)}

@@ -16,6 +16,9 @@ from minilora.runtime import setup_runtime
 from minilora.trainer import build_model, load_data, save_output, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The quickstart's --quick, smaller still: the tests check the plumbing, not the learning.
+TINY = ["--quick", "--corpus_chars", "20000", "--pretrain_iters", "4", "--pretrain_batch_size", "4",
+        "--finetune_iters", "2", "--batch_size", "4", "--n_train", "16", "--n_val", "4"]
 
 
 def run_script(name, *args):
@@ -25,12 +28,18 @@ def run_script(name, *args):
                           cwd=ROOT, env=env, timeout=120)
 
 
+def run_quickstart(out_dir, *extra):
+    """python -m minilora.quickstart --out_dir OUT_DIR (TINY sizes) EXTRA... in a subprocess -> CompletedProcess."""
+    return subprocess.run([sys.executable, "-m", "minilora.quickstart", "--out_dir", str(out_dir), *TINY, *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
 def run_training(cfg, eval_fn=None):
     """train.py's flow in this process for a TrainConfig -> (model, TrainResult); progress goes nowhere."""
     rt = setup_runtime(cfg)
     model, info = build_model(cfg, rt)
     dataset = load_data(cfg, info.tokenizer, model.config.block_size, rt)
-    result = train(model, dataset, cfg, rt, eval_fn=eval_fn, stream=io.StringIO())
+    result = train(model, dataset, cfg, rt, eval_fn=eval_fn, stream=io.StringIO(), info=info)
     save_output(model, cfg, info, rt, result)
     return model, result
 
@@ -49,15 +58,26 @@ def run_script_here(capsys, name, *args):
     return code, out.out, out.err
 
 
-def serve_process(workdir, *args):
-    """serve.py on 127.0.0.1, any free port, one thread -> (Popen, base URL http://127.0.0.1:PORT/v1).
+def serve_process(workdir, *args, cwd=ROOT):
+    """serve.py ARGS on 127.0.0.1, any free port, one thread (these come last, so they win over a --port
+    in ARGS), run in `cwd` -> (Popen, base URL http://127.0.0.1:PORT/v1).
 
     Its output goes to workdir/stdout and workdir/stderr (files, not pipes: an undrained pipe could
     block the server). The caller kills the process."""
+    return wait_serving(start_serve(workdir, *args, cwd=cwd), workdir)
+
+
+def start_serve(workdir, *args, cwd=ROOT):
+    """serve_process's first half: the process, started; wait_serving(proc, workdir) waits for it to listen."""
+    with open(os.path.join(workdir, "stdout"), "w") as fo, open(os.path.join(workdir, "stderr"), "w") as fe:
+        return subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), *args, "--port", "0", "--threads", "1"],
+                                cwd=cwd, stdout=fo, stderr=fe, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                                    "PYTHONPATH": ROOT})
+
+
+def wait_serving(proc, workdir):
+    """-> (proc, base URL) once serve.py says it listens; fails the test if it exits or takes 2 minutes."""
     out, err = os.path.join(workdir, "stdout"), os.path.join(workdir, "stderr")
-    with open(out, "w") as fo, open(err, "w") as fe:
-        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--port", "0", "--threads", "1", *args],
-                                cwd=ROOT, stdout=fo, stderr=fe, env={**os.environ, "OMP_NUM_THREADS": "1"})
     read = lambda path: open(path).read()  # noqa: E731
     deadline = time.time() + 120
     while " on http://" not in read(out) and proc.poll() is None and time.time() < deadline:

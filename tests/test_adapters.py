@@ -46,6 +46,18 @@ def test_row_adapters_match_a_per_row_loop_with_mixed_ranks(multi):
     set_adapter(multi, "a")
 
 
+def test_base_rows_go_on_after_every_adapter_row_has_finished(base, multi):
+    """generate.py --prompt_adapter sql dates __base__: once the adapters' rows stop (their end-of-text), the
+    batch holds base rows only, and those go on as the plain base model would (this used to crash)."""
+    first = generate(multi, [[1, 2, 3]], 1, temperature=0, adapter_names=["a"]).tokens[0][0]
+    plain = generate(base, [[9, 8, 7]], 6, temperature=0, eot_token=first)
+    assert first not in plain.tokens[0]  # so the base row runs all 6 steps, 5 of them alone
+    out = generate(multi, [[1, 2, 3], [9, 8, 7]], 6, temperature=0, adapter_names=["a", "__base__"], eot_token=first)
+    assert out.tokens == [[], plain.tokens[0]] and out.finish_reasons == ["stop", "length"]
+    alone = generate(multi, [[1, 2, 3], [9, 8, 7]], 3, temperature=0, adapter_names=["__base__", "__base__"])
+    assert alone.tokens == generate(base, [[1, 2, 3], [9, 8, 7]], 3, temperature=0).tokens
+
+
 def test_generate_adapter_names_isolates_rows(base, multi):
     prompts = [[1, 2, 3, 4, 5], [9, 8], [7, 7, 7, 7], [3, 1, 4], [100, 101, 102]]
     names = ["a", "__base__", "c", "b", "__base__"]

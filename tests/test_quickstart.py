@@ -10,23 +10,12 @@ from minilora.errors import MiniloraError
 from minilora.quickstart import QUICK, Args, apply_quick, base_key, base_status, comparison_table, main
 from minilora.safetensors import load_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Smaller still than --quick: the test checks the plumbing, not the learning.
-TINY = ["--quick", "--corpus_chars", "20000", "--pretrain_iters", "4", "--pretrain_batch_size", "4",
-        "--finetune_iters", "2", "--batch_size", "4", "--n_train", "16", "--n_val", "4"]
-
-
-def run_quickstart(out_dir, *extra):
-    return subprocess.run([sys.executable, "-m", "minilora.quickstart", "--out_dir", str(out_dir), *TINY, *extra],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+from scripts import ROOT, TINY, run_quickstart
 
 
 @pytest.fixture(scope="module")
-def lora_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("quickstart")
-    proc = run_quickstart(out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc.stdout
+def lora_run(quick_quickstart):
+    return quick_quickstart  # conftest.py: one tiny --quick run per session, shared with test_readme_commands.py
 
 
 def test_quick_run_writes_adapters_base_and_results(lora_run):

@@ -59,7 +59,7 @@ def test_checkpoint_n_is_the_adapter_at_step_n(tmp_path, files, preset, capsys):
     assert [s for s, _ in step_checkpoints(out)] == [2, 4, 5]  # every 2 steps, and the last
     for step in (2, 5):
         path = os.path.join(out, f"checkpoint-{step}")
-        assert {"adapter_config.json", "adapter_model.safetensors", "trainer_state.json"} == set(os.listdir(path))
+        assert {"adapter_config.json", "adapter_model.safetensors", "trainer_state.json", "minilora.json"} == set(os.listdir(path))
         with open(os.path.join(path, "adapter_config.json")) as f:
             assert json.load(f)["base_model_name_or_path"] == os.path.abspath(base(tmp_path, preset))
         loaded = load_adapter(GPT.from_pretrained(base(tmp_path, preset)), path)
@@ -70,6 +70,33 @@ def test_checkpoint_n_is_the_adapter_at_step_n(tmp_path, files, preset, capsys):
     code, text, err = run_script_here(capsys, "generate.py", "--adapter", os.path.join(out, "checkpoint-4"),
                                       "--prompt", "ab", "--max_new_tokens", "3", "--temperature", "0")
     assert code == 0, err
+    # and train.py --init_from starts a new run from it (minilora.json names the base, as in out_dir itself):
+    # one step at learning rate 1e-9 leaves checkpoint-2's adapter (a fresh one would have other A, zero B)
+    with open(os.path.join(out, "checkpoint-2", "minilora.json")) as f:
+        record = json.load(f)
+    assert (record["kind"], record["iter_num"], record["base_model"]) == ("lora", 2, os.path.abspath(base(tmp_path, preset)))
+    code, text, err = run_script_here(capsys, "train.py", "--init_from", os.path.join(out, "checkpoint-2"), "--data",
+                                      files[0], "--out_dir", str(tmp_path / "next"), "--max_iters", "1",
+                                      "--learning_rate", "1e-9", "--block_size", "32", "--batch_size", "2", "--eval_iters", "1")
+    assert code == 0, err
+    assert f"continuing the adapter from {os.path.join(out, 'checkpoint-2')}" in text
+    got = load_file(str(tmp_path / "next" / "adapter_model.safetensors"))
+    want = load_file(os.path.join(out, "checkpoint-2", "adapter_model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], rtol=0, atol=1e-6) for k in want)
+
+
+def test_a_chat_run_s_checkpoint_n_carries_its_chat_template(tmp_path, capsys):
+    """generate.py --adapter out/checkpoint-N --chat renders conversations as the run trained on them."""
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "Capital of Peru?"},
+                                                                  {"role": "assistant", "content": "Lima"}]}) + "\n")
+    out = tmp_path / "out"
+    code, text, err = run_script_here(capsys, "train.py", "--init_from", base(tmp_path), "--data", str(tmp_path / "chat.jsonl"),
+                                      "--chat_template", "plain", "--out_dir", str(out), "--max_iters", "1",
+                                      "--save_steps", "1", "--batch_size", "1")
+    assert code == 0, err
+    assert (out / "checkpoint-1" / "chat_template.jinja").read_text() == (out / "chat_template.jinja").read_text()
+    assert "'Assistant:" in (out / "chat_template.jinja").read_text()  # the plain template's own text
+    assert json.loads((out / "checkpoint-1" / "minilora.json").read_text())["chat_template"] == "plain"
 
 
 def test_full_finetuning_checkpoints_are_hf_models_and_the_limit_prunes(tmp_path, files):

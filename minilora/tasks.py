@@ -13,8 +13,8 @@ are generated from templates with a seeded RNG, so every machine builds the same
 
 - "sql":   "Request: how many users live in Oslo?\nSQL: " -> "SELECT COUNT(*) FROM users WHERE city = 'Oslo';"
 - "dates": "Convert 2024-03-05 to words.\nAnswer: "      -> "March 5, 2024" (and the reverse)
-- "chat":  user "Book 4 in Oslo at 7pm.", assistant "Booked 4 in Oslo at 7pm.", user "Now at 8pm."
-           -> assistant "Booked 4 in Oslo at 8pm." (TRL's {"messages": [...]}: the answer needs both turns)
+- "chat":  user "Book Ana in Oslo on Fri.", assistant "Booked: Ana, Oslo, Fri.", user "Now on Sun."
+           -> assistant "Booked: Ana, Oslo, Sun." (TRL's {"messages": [...]}: the answer needs both turns)
 
 All three need copying (numbers, names) plus a mapping (phrase -> clause, month number -> name,
 a change -> the detail it replaces), which a tiny byte-level model learns in minutes but never produces without fine-tuning.
@@ -163,37 +163,37 @@ def _dates_example(rng):
 # ---- task "chat" ----------------------------------------------------------------------------
 
 # A booking assistant: the user asks for a table, the assistant confirms it, the user changes one
-# thing ("Now at 8pm."), and the assistant confirms the whole booking again, so the final answer
+# detail ("Now on Fri."), and the assistant confirms the whole booking again, so the final answer
 # needs the first turn (the two details that did not change) as well as the last line. Each detail
 # is copied, from the request or from the earlier confirmation: the copying "sql" shows this base
-# learns in minutes. A variant that looked answers up in a table held in the system prompt did not
-# learn in the quickstart's budget (loss still ~1 nat per answer token after 600 steps), so this one
-# asks for no lookup beyond "the latest value of that kind".
+# learns in minutes. Measured dead ends (600 steps x 16, the quickstart's base): answering questions
+# about a table held in the system prompt (a lookup: 10%), and details given as digits ("for 8",
+# "at 8pm": 54.5% and 5% on two runs; a causal model reading "8" cannot yet see the "pm" after it,
+# and the changes of a digit went wrong). So every detail is a word from its own set, after a word
+# that says which detail it is ("for Ana", "in Oslo", "on Fri").
 # Everything is short because the quickstart's base was pretrained on 128-byte rows: its learned
 # position embeddings past 128 are untrained (LoRA adapts linear layers, not embeddings), so a
 # whole conversation, rendered with the "plain" template, is at most CHAT_MAX_TOKENS byte tokens
 # (inputs at positions 0..127, each predicting the next).
+CHAT_NAMES = ["Ana", "Bo", "Cy", "Di", "Ed", "Flo", "Gus", "Ida", "Jo", "Kai", "Liv", "Max"]
 CHAT_CITIES = ["Paris", "Tokyo", "Lima", "Cairo", "Oslo", "Rome", "Seoul", "Delhi", "Quito", "Riga", "Bern",
                "Kyiv", "Dhaka", "Accra", "Lagos", "Perth"]  # 16 as for "sql", none over 5 letters
-CHAT_PEOPLE, CHAT_TIMES = range(2, 10), ["5pm", "6pm", "7pm", "8pm", "9pm"]  # small value sets: see AGES
-# Every detail comes after a word that says what it is ("for 8", "at 8pm", "in Oslo"): a causal model
-# reading "8" cannot yet see the "pm" after it, and "Make it 8." vs "Make it 8pm." measured 25% and 37%
-# on those changes (city changes: 94%) after the quickstart's 600 steps.
-CHAT_ASK = ["Book {n} in {city} at {time}.", "Book {city} for {n} at {time}.", "At {time}, book {city} for {n}."]
-CHAT_CHANGE = {"n": "Now for {}.", "city": "Now in {}.", "time": "Now at {}."}
+CHAT_DAYS = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
+CHAT_VALUES = {"name": CHAT_NAMES, "city": CHAT_CITIES, "day": CHAT_DAYS}
+CHAT_ASK = ["Book {name} in {city} on {day}.", "Book {city} on {day} for {name}.", "On {day}, book {city} for {name}."]
+CHAT_CHANGE = {"name": "Now for {}.", "city": "Now in {}.", "day": "Now on {}."}
 CHAT_MAX_TOKENS = 129
 
 
 def _booked(b):
-    return f"Booked {b['n']} in {b['city']} at {b['time']}."
+    return f"Booked: {b['name']}, {b['city']}, {b['day']}."
 
 
 def _chat_example(rng):
     """A request, its confirmation, a change to one detail and (last) the new confirmation."""
-    booking = {"n": str(rng.choice(CHAT_PEOPLE)), "city": rng.choice(CHAT_CITIES), "time": rng.choice(CHAT_TIMES)}
+    booking = {key: rng.choice(values) for key, values in CHAT_VALUES.items()}
     key = rng.choice(list(booking))
-    values = {"n": [str(n) for n in CHAT_PEOPLE], "city": CHAT_CITIES, "time": CHAT_TIMES}[key]
-    changed = {**booking, key: rng.choice([v for v in values if v != booking[key]])}
+    changed = {**booking, key: rng.choice([v for v in CHAT_VALUES[key] if v != booking[key]])}
     return {"messages": [{"role": "user", "content": rng.choice(CHAT_ASK).format(**booking)},
                          {"role": "assistant", "content": _booked(booking)},
                          {"role": "user", "content": CHAT_CHANGE[key].format(changed[key])},

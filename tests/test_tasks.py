@@ -9,7 +9,7 @@ from minilora import GPT, GPTConfig
 from minilora.data import load_dataset, read_jsonl
 from minilora.errors import MiniloraError
 from minilora.chat import chat_tokens, load_chat_template
-from minilora.tasks import (CHAT_MAX_TOKENS, MONTHS, SQL_SCHEMA, exact_match_accuracy, greedy_completions, make_task,
+from minilora.tasks import (CHAT_CITIES, CHAT_DAYS, CHAT_MAX_TOKENS, CHAT_NAMES, MONTHS, SQL_SCHEMA, exact_match_accuracy, greedy_completions, make_task,
                             task_answer, task_prompt,
                             stdlib_corpus, write_corpus, write_jsonl)
 from minilora.tokenizer import get_tokenizer
@@ -129,10 +129,10 @@ def test_exact_match_accuracy_equals_a_manual_greedy_comparison():
         exact_match_accuracy(model, tok, [], max_new_tokens=12)
 
 
-ASKS = [r"Book (?P<n>\d) in (?P<city>[A-Z][a-z]+) at (?P<time>\dpm)\.",  # the request, details in any order
-        r"Book (?P<city>[A-Z][a-z]+) for (?P<n>\d) at (?P<time>\dpm)\.",
-        r"At (?P<time>\dpm), book (?P<city>[A-Z][a-z]+) for (?P<n>\d)\."]
-CHANGES = {"n": r"Now for (\d)\.", "city": r"Now in ([A-Z][a-z]+)\.", "time": r"Now at (\dpm)\."}
+NAME, CITY, DAY = r"(?P<name>[A-Z][a-z]+)", r"(?P<city>[A-Z][a-z]+)", r"(?P<day>[A-Z][a-z]{2})"
+ASKS = [rf"Book {NAME} in {CITY} on {DAY}\.", rf"Book {CITY} on {DAY} for {NAME}\.",  # details in any order
+        rf"On {DAY}, book {CITY} for {NAME}\."]
+CHANGES = {"name": r"Now for ([A-Z][a-z]+)\.", "city": r"Now in ([A-Z][a-z]+)\.", "day": r"Now on ([A-Z][a-z]{2})\."}
 
 
 def test_chat_conversations_are_deterministic_answerable_and_masked_to_the_answers(tmp_path):
@@ -148,14 +148,15 @@ def test_chat_conversations_are_deterministic_answerable_and_masked_to_the_answe
         m = ex["messages"]
         assert [x["role"] for x in m] == ["user", "assistant", "user", "assistant"]
         booking = next(match.groupdict() for p in ASKS if (match := re.fullmatch(p, m[0]["content"])))
-        assert m[1]["content"] == "Booked {n} in {city} at {time}.".format(**booking)
+        assert booking["name"] in CHAT_NAMES and booking["city"] in CHAT_CITIES and booking["day"] in CHAT_DAYS
+        assert m[1]["content"] == "Booked: {name}, {city}, {day}.".format(**booking)
         key, value = next((k, match[1]) for k, p in CHANGES.items() if (match := re.fullmatch(p, m[2]["content"])))
         assert value != booking[key]
         # the final answer: the first turn's booking with the one change (so it needs both turns)
-        assert task_answer(ex) == "Booked {n} in {city} at {time}.".format(**{**booking, key: value})
+        assert task_answer(ex) == "Booked: {name}, {city}, {day}.".format(**{**booking, key: value})
         changed.add(key)
         assert len(chat_tokens(tok, template, m)[0]) <= CHAT_MAX_TOKENS  # inside the base's trained positions
-    assert changed == {"n", "city", "time"}
+    assert changed == {"name", "city", "day"}
 
     # through the conversational data path: the loss sees the two answers (and their end of turn), nothing else
     path = write_jsonl(train[:8], tmp_path / "chat.jsonl")

@@ -59,7 +59,7 @@ def test_quick_run_writes_adapters_base_and_results(lora_run):
     assert (out / "adapters" / "chat" / "chat_template.jinja").read_text() == JINJA["plain"]  # the byte base's
     chat = results["finetune"][2]
     assert chat["n_val"] == 4 and len(chat["examples"]) == 2
-    assert chat["examples"][0]["prompt"].startswith("system: ") and "| user: " in chat["examples"][0]["prompt"]
+    assert chat["examples"][0]["prompt"].startswith("user: Book ") and "| assistant: Booked: " in chat["examples"][0]["prompt"]
     assert "== 4. task 'chat'" in stdout and "--- chat: lora r=8 all-linear ---" in stdout
     # what the quickstart promises to print
     for line in ["trainable params: 73,728 || all params:", "held-out exact match before fine-tuning",

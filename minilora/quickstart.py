@@ -16,14 +16,14 @@
    ISO and words. The base scores 0% exact match on both. On a base this small, carrying a value
    (a city, a number) from the request into the answer is the hard part: the base has no copying
    ability (no induction heads after ~2.5M tokens of pretraining), so the adapter has to build it.
-   --tasks chat (not in the default run) trains on conversations instead: a booking assistant that
-   confirms a request and then a change to it, in TRL's {"messages": [...]} format, through the same
-   chat-template path as train.py (the byte-level base has no template: the built-in "plain" one);
-   it is scored on the final answer given the turns before it.
    LoRA r=8 on q_proj/v_proj (the paper's setting) learns the query shapes but not the values
    (~5% exact match); r=8 on every linear layer (8.6% of the base's parameters), with alpha 64
    and lr 5e-3, learns both and matches full fine-tuning (96.5% each, measured figures: README),
    hence the default --target_modules all-linear.
+   --tasks chat (not in the default run) trains on conversations instead: a booking assistant that
+   confirms a request and then a change to it, in TRL's {"messages": [...]} format, through the same
+   chat-template path as train.py (the byte-level base has no template: the built-in "plain" one);
+   it is scored on the final answer given the turns before it.
 3. Print what LoRA claims: trainable parameters, held-out accuracy of base vs adapter, adapter
    size vs base size, speed and memory; write it all to out_dir/results.json.
 
@@ -57,11 +57,11 @@ import torch
 
 from minilora.chat import TEMPLATE_FILE
 from minilora.cli import main_guard, opt, parse_args
+from minilora.data import read_jsonl
 from minilora.errors import MiniloraError
 from minilora.fileio import atomic_directory, atomic_open
 from minilora.lora import print_trainable_parameters
 from minilora.plot import plot_runs, pyplot, read_log
-from minilora.data import read_jsonl
 from minilora.tasks import (TASKS, exact_match_accuracy, greedy_completions, make_task, task_answer, task_prompt,
                             write_corpus, write_jsonl)
 from minilora.tokenizer import get_tokenizer

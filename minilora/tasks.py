@@ -17,7 +17,8 @@ are generated from templates with a seeded RNG, so every machine builds the same
            -> assistant "Booked: Ana, Oslo, Sun." (TRL's {"messages": [...]}: the answer needs both turns)
 
 All three need copying (numbers, names) plus a mapping (phrase -> clause, month number -> name,
-a change -> the detail it replaces), which a tiny byte-level model learns in minutes but never produces without fine-tuning.
+a change -> the detail it replaces), which a tiny byte-level model learns in minutes but never
+produces without fine-tuning.
 """
 
 import calendar

@@ -9,6 +9,10 @@ written, the merged model is checked against the unmerged one on a fixed batch o
 max |logit difference| / max |unmerged logit| must stay under the tolerance (fp32 1e-4; the
 written dtype's own, looser one for bf16/fp16). A failed check writes nothing. An existing --out is
 left alone unless --force; the new directory appears in one rename. Every option: -h.
+
+A chat template the adapter trained with (its chat_template.jinja, or tokenizer_config.json's
+chat_template) is written into the merged directory as chat_template.jinja, so the merged model
+renders conversations as the adapter did; without one, the base's tokenizer files carry the base's.
 """
 
 import os
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from minilora.chat import template_source
 from minilora.cli import DTYPE_CHOICES, dtype_name, main_guard, opt, parse_args, parse_dtype
 from minilora.errors import MiniloraError
 from minilora.hub import foreign_files
@@ -111,6 +116,7 @@ def main(argv=None):
     check_out(args.out, args.force, [args.adapter, args.base])  # before any work: a bad adapter is not read
     base = args.base or adapter_base(args.adapter, flag="--base")
     check_out(args.out, args.force, [base])
+    template, template_file = template_source(args.adapter)  # travels to the merged model (see the module doc)
 
     try:
         model, _ = load_model(base, adapter=args.adapter)  # fp32 on the CPU, eval mode
@@ -133,10 +139,12 @@ def main(argv=None):
         model.to(parse_dtype(dtype))  # the one cast, after the fp32 merge
         diff, rel = verify(f"written {dtype} vs unmerged fp32", model, idx, ref, tolerance)
 
-    model.save_pretrained(args.out)  # config.json (tokenizer under "minilora") + model.safetensors, one rename
+    # config.json (tokenizer under "minilora") + model.safetensors (+ the adapter's chat template), one rename
+    model.save_pretrained(args.out, chat_template=template)
     size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
     print(f"merged {args.adapter} into {base}\n  adapter {adapters}\n"
-          f"  max |Δlogit| {diff:.3g} ({rel:.3g} of the logit scale) | wrote {args.out}: {dtype}, "
+          + (f"  chat template: {template_file} -> {os.path.join(args.out, 'chat_template.jinja')}\n" if template else "")
+          + f"  max |Δlogit| {diff:.3g} ({rel:.3g} of the logit scale) | wrote {args.out}: {dtype}, "
           f"{size / 1e6:.2f} MB | {time.time() - t0:.1f} s")
 
 

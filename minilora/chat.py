@@ -302,7 +302,8 @@ def _read(path):
         raise ChatError(f"cannot read chat template {path}: {e}") from None
 
 
-def _from_tokenizer_config(path, tokenizer):
+def _config_source(path):
+    """The Jinja source in a tokenizer_config.json's chat_template, or None."""
     try:
         cfg = json.loads(_read(path))
     except ValueError as e:
@@ -311,20 +312,30 @@ def _from_tokenizer_config(path, tokenizer):
     if isinstance(source, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
         source = named.get("default")
-    if source is None:
-        return None
-    if not isinstance(source, str):
+    if source is not None and not isinstance(source, str):
         raise ChatError(f"{path}: chat_template must be a string (or a list of named ones with a 'default')")
-    return from_source(source, path, tokenizer)
+    return source
+
+
+def _from_tokenizer_config(path, tokenizer):
+    source = _config_source(path)
+    return None if source is None else from_source(source, path, tokenizer)
+
+
+def template_source(directory):
+    """(Jinja source, the file it is in) that a directory carries (chat_template.jinja, then
+    tokenizer_config.json), or (None, None). The text as written: merge.py copies it on unchanged."""
+    jinja_path, cfg = os.path.join(directory, TEMPLATE_FILE), os.path.join(directory, "tokenizer_config.json")
+    if os.path.isfile(jinja_path):
+        return _read(jinja_path), jinja_path
+    source = _config_source(cfg) if os.path.isfile(cfg) else None
+    return (source, cfg) if source is not None else (None, None)
 
 
 def template_in(directory, tokenizer=None):
     """The chat template a directory carries (chat_template.jinja, then tokenizer_config.json), or None."""
-    jinja_path = os.path.join(directory, TEMPLATE_FILE)
-    if os.path.isfile(jinja_path):
-        return from_source(_read(jinja_path), jinja_path, tokenizer)
-    cfg = os.path.join(directory, "tokenizer_config.json")
-    return _from_tokenizer_config(cfg, tokenizer) if os.path.isfile(cfg) else None
+    source, where = template_source(directory)
+    return None if source is None else from_source(source, where, tokenizer)
 
 
 def load_chat_template(name_or_file=None, dirs=(), tokenizer=None):

@@ -221,7 +221,7 @@ def foreign_files(directory):
     return sorted(f for f in os.listdir(directory) if f not in ours and not _SHARD.fullmatch(f))
 
 
-def write_checkpoint(config, state_dict, save_dir, max_shard_size="5GB"):
+def write_checkpoint(config, state_dict, save_dir, max_shard_size="5GB", chat_template=None):
     """Write config.json + weights in the family's HF layout, replacing save_dir in one rename.
 
     Weights above max_shard_size (bytes, or "500MB", "5GB"...) are split into model-0000i-of-0000n
@@ -229,6 +229,8 @@ def write_checkpoint(config, state_dict, save_dir, max_shard_size="5GB"):
 
     state_dict is a plain model's (GPT.save_pretrained checks that); a tied lm_head is not written.
     Tokenizer files in the model's tokenizer directory are copied along, so the directory stands alone.
+    chat_template: Jinja source written as chat_template.jinja in place of the tokenizer directory's
+    (merge.py: the template an adapter trained with), in the same rename.
     """
     sd, limit = state_dict, parse_size(max_shard_size)
     if any(t.is_meta for t in sd.values()):
@@ -262,6 +264,9 @@ def write_checkpoint(config, state_dict, save_dir, max_shard_size="5GB"):
         save_sharded(tensors, tmp, limit, metadata={"format": "pt"})
         for src in tokenizer_files:
             shutil.copyfile(src, os.path.join(tmp, os.path.basename(src)))
+        if chat_template is not None:  # loaders read chat_template.jinja before tokenizer_config.json's
+            with open(os.path.join(tmp, "chat_template.jinja"), "wb") as f:
+                f.write(chat_template.encode("utf-8"))
 
 # -----------------------------------------------------------------------------
 # download

@@ -383,8 +383,9 @@ class GPT(nn.Module):
         model.name_or_path = os.path.abspath(name_or_dir) if os.path.isdir(name_or_dir) else name_or_dir
         return model.eval()
 
-    def save_pretrained(self, save_dir, *, max_shard_size="5GB"):
-        """Write config.json + weights in the family's HF layout (sharded above max_shard_size), in one rename."""
+    def save_pretrained(self, save_dir, *, max_shard_size="5GB", chat_template=None):
+        """Write config.json + weights in the family's HF layout (sharded above max_shard_size), in one rename;
+        chat_template (Jinja source) is recorded as chat_template.jinja, else the tokenizer directory's is copied."""
         lora = next((name for name, m in self.named_modules() if hasattr(m, "base_layer")), None)
         if lora is not None:
             raise MiniloraError(f"model still has LoRA layers ({lora}); call merge_and_unload(model) "
@@ -395,4 +396,4 @@ class GPT(nn.Module):
         if extra or missing:
             raise MiniloraError(f"model is not a plain GPT: unexpected {extra[:5]}, missing {missing[:5]}; "
                                 "merge or remove extra modules first")
-        write_checkpoint(self.config, self.state_dict(), save_dir, max_shard_size)
+        write_checkpoint(self.config, self.state_dict(), save_dir, max_shard_size, chat_template)

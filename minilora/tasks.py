@@ -1,9 +1,11 @@
-"""Built-in data for the quickstart: a pretraining corpus and two fine-tuning tasks, no network.
+"""Built-in data for the quickstart: a pretraining corpus and three fine-tuning tasks, no network.
 
     text = stdlib_corpus()                                  # Python's own documentation, ~1 MB
     train, val = make_task("sql", 2000, 200, seed=0)        # [{"prompt": ..., "completion": ...}]
+    train, val = make_task("chat", 2000, 200, seed=0)       # [{"messages": [...]}]: TRL's conversations
     write_jsonl(train, "out/data/sql_train.jsonl")
     exact_match_accuracy(model, tokenizer, val)             # greedy decoding, 0.0 .. 1.0
+    exact_match_accuracy(model, tokenizer, val, chat_template=template)   # the final answer of each conversation
 
 The corpus is text that ships with every Python installation: the help topics behind `help()`
 (`pydoc_data.topics`) and the docstrings of a fixed list of standard-library modules. The tasks
@@ -11,9 +13,12 @@ are generated from templates with a seeded RNG, so every machine builds the same
 
 - "sql":   "Request: how many users live in Oslo?\nSQL: " -> "SELECT COUNT(*) FROM users WHERE city = 'Oslo';"
 - "dates": "Convert 2024-03-05 to words.\nAnswer: "      -> "March 5, 2024" (and the reverse)
+- "chat":  user "Book Ana in Oslo on Fri.", assistant "Booked: Ana, Oslo, Fri.", user "Now on Sun."
+           -> assistant "Booked: Ana, Oslo, Sun." (TRL's {"messages": [...]}: the answer needs both turns)
 
-Both need copying (numbers, names) plus a fixed mapping (phrase -> clause, month number ->
-name), which a tiny byte-level model learns in minutes but never produces without fine-tuning.
+All three need copying (numbers, names) plus a mapping (phrase -> clause, month number -> name,
+a change -> the detail it replaces), which a tiny byte-level model learns in minutes but never
+produces without fine-tuning.
 """
 
 import calendar
@@ -23,6 +28,7 @@ import json
 import random
 import warnings
 
+from minilora.chat import chat_tokens, stop_tokens
 from minilora.errors import MiniloraError
 from minilora.fileio import atomic_open
 from minilora.generation import generate
@@ -155,11 +161,62 @@ def _dates_example(rng):
     return {"prompt": f"Convert {words} to ISO format.\nAnswer: ", "completion": iso}
 
 
-TASKS = {"sql": _sql_example, "dates": _dates_example}
+# ---- task "chat" ----------------------------------------------------------------------------
+
+# A booking assistant: the user asks for a table, the assistant confirms it, the user changes one
+# detail ("Now on Fri."), and the assistant confirms the whole booking again, so the final answer
+# needs the first turn (the two details that did not change) as well as the last line. Each detail
+# is copied, from the request or from the earlier confirmation: the copying "sql" shows this base
+# learns in minutes. Measured dead ends (600 steps x 16, the quickstart's base): answering questions
+# about a table held in the system prompt (a lookup: 10%), and details given as digits ("for 8",
+# "at 8pm": 54.5% and 5% on two runs; a causal model reading "8" cannot yet see the "pm" after it,
+# and the changes of a digit went wrong). So every detail is a word from its own set, after a word
+# that says which detail it is ("for Ana", "in Oslo", "on Fri").
+# Everything is short because the quickstart's base was pretrained on 128-byte rows: its learned
+# position embeddings past 128 are untrained (LoRA adapts linear layers, not embeddings), so a
+# whole conversation, rendered with the "plain" template, is at most CHAT_MAX_TOKENS byte tokens
+# (inputs at positions 0..127, each predicting the next).
+CHAT_NAMES = ["Ana", "Bo", "Cy", "Di", "Ed", "Flo", "Gus", "Ida", "Jo", "Kai", "Liv", "Max"]
+CHAT_CITIES = ["Paris", "Tokyo", "Lima", "Cairo", "Oslo", "Rome", "Seoul", "Delhi", "Quito", "Riga", "Bern",
+               "Kyiv", "Dhaka", "Accra", "Lagos", "Perth"]  # 16 as for "sql", none over 5 letters
+CHAT_DAYS = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
+CHAT_VALUES = {"name": CHAT_NAMES, "city": CHAT_CITIES, "day": CHAT_DAYS}
+CHAT_ASK = ["Book {name} in {city} on {day}.", "Book {city} on {day} for {name}.", "On {day}, book {city} for {name}."]
+CHAT_CHANGE = {"name": "Now for {}.", "city": "Now in {}.", "day": "Now on {}."}
+CHAT_MAX_TOKENS = 129
+
+
+def _booked(b):
+    return f"Booked: {b['name']}, {b['city']}, {b['day']}."
+
+
+def _chat_example(rng):
+    """A request, its confirmation, a change to one detail and (last) the new confirmation."""
+    booking = {key: rng.choice(values) for key, values in CHAT_VALUES.items()}
+    key = rng.choice(list(booking))
+    changed = {**booking, key: rng.choice([v for v in CHAT_VALUES[key] if v != booking[key]])}
+    return {"messages": [{"role": "user", "content": rng.choice(CHAT_ASK).format(**booking)},
+                         {"role": "assistant", "content": _booked(booking)},
+                         {"role": "user", "content": CHAT_CHANGE[key].format(changed[key])},
+                         {"role": "assistant", "content": _booked(changed)}]}
+
+
+TASKS = {"sql": _sql_example, "dates": _dates_example, "chat": _chat_example}
+
+
+def task_prompt(example):
+    """What the model is given: the prompt string, or the conversation up to the final answer."""
+    return example["messages"][:-1] if "messages" in example else example["prompt"]
+
+
+def task_answer(example):
+    """What it must produce: the completion, or the conversation's final assistant turn."""
+    return example["messages"][-1]["content"] if "messages" in example else example["completion"]
 
 
 def make_task(name, n_train, n_val, seed=0):
-    """(train, val): lists of {"prompt", "completion"} dicts, no prompt in both, same for the same seed."""
+    """(train, val): lists of {"prompt", "completion"} dicts ({"messages"} for "chat"), no prompt in
+    both, same for the same seed."""
     if name not in TASKS:
         raise MiniloraError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
     if n_train < 0 or n_val < 0:
@@ -171,8 +228,9 @@ def make_task(name, n_train, n_val, seed=0):
         if attempts > 50 * need + 1000:  # the templates cannot make that many distinct prompts
             raise MiniloraError(f"task {name!r} produced only {len(examples)} distinct examples; ask for fewer")
         ex = TASKS[name](rng)
-        if ex["prompt"] not in seen:  # distinct prompts keep the held-out split truly held out
-            seen.add(ex["prompt"])
+        key = json.dumps(task_prompt(ex))
+        if key not in seen:  # distinct prompts keep the held-out split truly held out
+            seen.add(key)
             examples.append(ex)
     return examples[:n_train], examples[n_train:]
 
@@ -188,24 +246,35 @@ def write_jsonl(examples, path):
 # ---- evaluation -----------------------------------------------------------------------------
 
 
-def greedy_completions(model, tokenizer, prompts, max_new_tokens=64, batch_size=32):
-    """Greedy continuation of each prompt, up to its end-of-text token (or max_new_tokens)."""
-    encoded = [tokenizer.encode_document(p) for p in prompts]  # as in training: BOS first where expected
+def greedy_completions(model, tokenizer, prompts, max_new_tokens=64, batch_size=32, chat_template=None):
+    """Greedy continuation of each prompt, up to its end-of-text token (or max_new_tokens).
+
+    A prompt is a string, or a conversation (a list of messages ending with a user turn), which is
+    rendered by chat_template as training rendered it (chat_tokens) and answered up to its end of turn."""
+    conversations = [p for p in prompts if not isinstance(p, str)]
+    if conversations and chat_template is None:
+        raise MiniloraError("greedy_completions: conversations need the chat_template they were trained with")
+    eos, stops = stop_tokens(tokenizer, chat_template) if conversations else (tokenizer.eos_token_ids, None)
+    # as in training: BOS first where expected; a conversation's ids exactly as its training tokens
+    encoded = [tokenizer.encode_document(p) if isinstance(p, str) else
+               chat_tokens(tokenizer, chat_template, p, add_generation_prompt=True)[0] for p in prompts]
     # Batch prompts of similar length together so little compute goes to left padding.
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     outputs = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         out = generate(model, [encoded[i] for i in chunk], max_new_tokens, temperature=0.0,
-                       eot_token=tokenizer.eos_token_ids)
+                       eot_token=eos, stop=stops or None, tokenizer=tokenizer)
         for i, tokens in zip(chunk, out.tokens):  # tokens stop before the eot
             outputs[i] = tokenizer.decode(tokens)
     return outputs
 
 
-def exact_match_accuracy(model, tokenizer, examples, max_new_tokens=64, batch_size=32):
-    """Fraction of examples whose greedy completion equals the reference (whitespace-stripped)."""
+def exact_match_accuracy(model, tokenizer, examples, max_new_tokens=64, batch_size=32, chat_template=None):
+    """Fraction of examples whose greedy completion (a conversation's final answer, given the turns
+    before it) equals the reference, whitespace-stripped."""
     if not examples:
         raise MiniloraError("exact_match_accuracy: no examples to evaluate")
-    preds = greedy_completions(model, tokenizer, [ex["prompt"] for ex in examples], max_new_tokens, batch_size)
-    return sum(p.strip() == ex["completion"].strip() for p, ex in zip(preds, examples)) / len(examples)
+    preds = greedy_completions(model, tokenizer, [task_prompt(ex) for ex in examples], max_new_tokens, batch_size,
+                               chat_template)
+    return sum(p.strip() == task_answer(ex).strip() for p, ex in zip(preds, examples)) / len(examples)

@@ -21,9 +21,9 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def quick_quickstart(tmp_path_factory):
-    """(out_dir, stdout) of one tiny `python -m minilora.quickstart --quick` run (scripts.TINY), built once
+    """(out_dir, stdout) of one tiny `python -m minilora.quickstart --quick --tasks sql dates chat` run (scripts.TINY), built once
     per session: tests/test_quickstart.py checks it and adds runs to it; test_readme_commands.py copies it."""
     out = tmp_path_factory.mktemp("quickstart") / "out" / "quickstart"
-    proc = run_quickstart(out)
+    proc = run_quickstart(out, "--tasks", "sql", "dates", "chat")  # the defaults, and the conversational task
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc.stdout

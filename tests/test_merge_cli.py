@@ -3,11 +3,14 @@
 import copy
 import json
 import os
+import shutil
 
 import pytest
 import torch
 
 from minilora import GPT, GPTConfig
+from minilora import chat
+from minilora.chat import load_chat_template
 from minilora.generation import generate
 from minilora import LoraConfig, apply_lora, disable_adapter, merge_and_unload, save_adapter
 from minilora.safetensors import read_header
@@ -197,3 +200,31 @@ def test_adapter_without_a_recorded_base_needs_base(saved, tmp_path, capsys):
 def test_bad_input_is_one_line_without_traceback(capsys, args, message):
     code, _, err = run_here(capsys, *args)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("where", ["chat_template.jinja", "tokenizer_config.json"])
+def test_the_adapters_chat_template_travels_to_the_merged_model(saved, tmp_path, capsys, where):
+    """A template recorded only beside the adapter (what train.py writes there) is the merged model's too."""
+    _, base, adapter = saved
+    with_template = tmp_path / "adapter"
+    shutil.copytree(adapter, with_template)
+    source = ("{% for m in messages %}{{ '<' + m['role'] + '> ' + m['content'] + '\\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<assistant>' }}{% endif %}")
+    if where == "chat_template.jinja":
+        (with_template / where).write_text(source, encoding="utf-8")
+    else:
+        (with_template / where).write_text(json.dumps({"chat_template": source}), encoding="utf-8")
+    assert load_chat_template(None, dirs=[base]).name == "plain"  # the base has none of its own
+    out = tmp_path / "merged"
+    code, stdout, err = run_here(capsys, "--adapter", str(with_template), "--out", str(out))
+    assert code == 0, err
+    assert f"chat template: {with_template / where} -> {out / 'chat_template.jinja'}" in stdout
+    assert (out / "chat_template.jinja").read_text(encoding="utf-8") == source  # the text as written
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    merged, trained = load_chat_template(None, dirs=[str(out)]), load_chat_template(None, dirs=[str(with_template)])
+    assert merged.render(messages) == trained.render(messages)
+    if chat.jinja2 is not None:  # without it both stand in with the built-in "plain" (still the same text)
+        assert merged.render(messages) == "<user> hi\n<assistant> hello\n"
+    # an adapter without one leaves the merged model to the base's tokenizer files, as before
+    code, stdout, err = run_here(capsys, "--adapter", adapter, "--out", str(out), "--force")
+    assert code == 0 and "chat template" not in stdout and not (out / "chat_template.jinja").exists()

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from minilora.chat import JINJA
 from minilora.errors import MiniloraError
 from minilora.quickstart import QUICK, Args, apply_quick, base_key, base_status, comparison_table, main
 from minilora.safetensors import load_file
@@ -15,7 +16,7 @@ from scripts import ROOT, TINY, run_quickstart
 
 @pytest.fixture(scope="module")
 def lora_run(quick_quickstart):
-    return quick_quickstart  # conftest.py: one tiny --quick run per session, shared with test_readme_commands.py
+    return quick_quickstart  # conftest.py: one tiny --quick run per session (sql, dates, chat), shared with test_readme_commands.py
 
 
 def test_quick_run_writes_adapters_base_and_results(lora_run):
@@ -33,12 +34,22 @@ def test_quick_run_writes_adapters_base_and_results(lora_run):
         assert len(rows) == 16 and set(rows[0]) == {"prompt", "completion"}
     assert os.path.isfile(out / "base" / "model.safetensors")
     results = json.loads((out / "results_lora.json").read_text())
-    assert [r["task"] for r in results["finetune"]] == ["sql", "dates"]
+    assert [r["task"] for r in results["finetune"]] == ["sql", "dates", "chat"]
     for r in results["finetune"]:
         assert 0.0 <= r["base_accuracy"] <= 1.0 and 0.0 <= r["accuracy"] <= 1.0
         # all-linear: 4 layers x r x (in + out) of q, k, v, out_proj (128 -> 128), fc_in (128 -> 512), fc_out (512 -> 128)
         assert r["trainable_params"] == 4 * 8 * (4 * (128 + 128) + 2 * (128 + 512))
         assert r["train_state_bytes"] == 16 * r["trainable_params"] + 4 * (r["total_params"] - r["trainable_params"])
+    # "chat": TRL conversations, trained through the chat path, the template recorded beside the adapter
+    rows = [json.loads(line) for line in open(out / "data" / "chat_train.jsonl")]
+    assert len(rows) == 16 and set(rows[0]) == {"messages"} and rows[0]["messages"][-1]["role"] == "assistant"
+    assert sorted(os.listdir(out / "adapters" / "chat")) == ["adapter_config.json", "adapter_model.safetensors",
+                                                            "chat_template.jinja", "minilora.json"]
+    assert (out / "adapters" / "chat" / "chat_template.jinja").read_text() == JINJA["plain"]  # the byte base's
+    chat = results["finetune"][2]
+    assert chat["n_val"] == 4 and len(chat["examples"]) == 2
+    assert chat["examples"][0]["prompt"].startswith("user: Book ") and "| assistant: Booked: " in chat["examples"][0]["prompt"]
+    assert "== 4. task 'chat'" in stdout and "--- chat: lora r=8 all-linear ---" in stdout
     # what the quickstart promises to print
     for line in ["trainable params: 73,728 || all params:", "held-out exact match before fine-tuning",
                  "step 2/2 | loss", "held-out exact match (4 examples): base", "adapter on disk:",

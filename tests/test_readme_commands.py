@@ -108,6 +108,8 @@ NOT_RUN = {
     r"^python -m minilora\.quickstart --tasks sql --(use_dora|loraplus_lr_ratio 16)$":
         "the quickstart's sql task with DoRA / LoRA+ (~3 s each here): tests/test_quickstart.py runs both options "
         "together on the same tiny quickstart",
+    r"^python -m minilora\.quickstart --tasks chat$":
+        "the chat task: the session's tiny quickstart (conftest.py) runs it beside sql and dates",
 }
 
 

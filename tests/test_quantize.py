@@ -273,3 +273,52 @@ def test_generation_under_inference_mode_then_training_on_a_quantized_base():
     _, loss = model(x, x)
     loss.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+
+
+@pytest.mark.parametrize("family", ["opt", "opt-post"])  # OPT's pre-LN (350m and up) and post-LN (125m) blocks
+def test_qlora_on_opt_trains_and_merges(family):
+    """QLoRA on the guide's own family, from its HF fixture: the base quantizes, LoRA trains on it, and
+    merge_and_unload returns a float model that computes what the adapter on the 4-bit base computes."""
+    torch.manual_seed(0)
+    m = quantize(GPT.from_pretrained(os.path.join(os.path.dirname(__file__), "fixtures", "hf", family, "model")), "nf4")
+    apply_lora(m, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights="gaussian"))
+    assert isinstance(m.transformer.h[0].attn.out_proj.base_layer, QuantizedLinear)
+    assert isinstance(m.transformer.h[0].mlp.fc1.base_layer, QuantizedLinear)
+    x = torch.randint(0, m.config.vocab_size, (2, 12))
+    _, loss = m(x, x, loss_only=True)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in m.named_parameters() if "lora_B" in n)
+    m.eval()
+    with torch.no_grad():
+        unmerged = m(x, all_logits=True)[0]
+        plain = merge_and_unload(m)
+        torch.testing.assert_close(plain(x, all_logits=True)[0], unmerged, atol=2e-5, rtol=1e-5)
+
+
+def test_serve_on_a_quantized_base_answers_as_generate_does(tmp_path):
+    """serve.py --quantize nf4: the adapter's and the base's greedy answers are those of the same NF4 model in process."""
+    import json
+    import urllib.request
+    from minilora import get_tokenizer, load_adapter
+    from scripts import random_adapter, serve_process
+    torch.manual_seed(0)
+    base = GPT(GPTConfig.from_name("tiny-llama"))
+    base.save_pretrained(tmp_path / "base")
+    random_adapter(base, str(tmp_path / "a"), r=4, seed=1, targets=("q_proj", "v_proj", "down_proj"))
+    model = quantize(GPT.from_pretrained(tmp_path / "base"), "nf4")
+    load_adapter(model, str(tmp_path / "a"), "a")
+    model.eval()
+    tok = get_tokenizer("byte")
+    proc, url = serve_process(str(tmp_path), "--init_from", str(tmp_path / "base"), "--quantize", "nf4",
+                              "--lora-modules", f"a={tmp_path / 'a'}")
+    try:
+        for name, adapter in ((str(tmp_path / "base"), "__base__"), ("a", "a")):
+            body = json.dumps({"model": name, "prompt": "hello", "max_tokens": 6, "temperature": 0}).encode()
+            req = urllib.request.Request(url + "/completions", body, {"Content-Type": "application/json"})
+            got = json.load(urllib.request.urlopen(req, timeout=60))["choices"][0]["text"]
+            want = generate(model, [tok.encode("hello")], 6, temperature=0, tokenizer=tok, eot_token=tok.eot_token,
+                            adapter_names=[adapter])
+            assert got == want.texts[0], name
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)

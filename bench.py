@@ -44,7 +44,8 @@ from minilora.memory import memory_plan
 from minilora.model import GPT
 from minilora.ops import kernel_report, linear
 from minilora.progress import peak_memory_mb
-from minilora.runtime import resolve_dtype
+from minilora.runtime import Runtime
+from minilora.trainer import TrainConfig, training_dtype
 from minilora.quantize import NF4, QuantizedLinear, nf4_quantize, quantize
 from minilora.serving_bench import bench_mixed_batch, bench_server
 
@@ -136,9 +137,9 @@ def worker_ceilings(p):
     probe = {name: matmul_gflops(BF16_PROBE_N, dtype) for name, dtype in DTYPES.items()}
     forced = os.environ.get(ASSUME_NO_BF16, "") not in ("", "0")
     native = probe["bf16"] >= probe["fp32"] and not forced
-    cfg = GPTConfig.from_name(p["train"][0], **p["train"][1])
-    rows = min(2048, p["train_rows"])
-    out = {"auto_dtype": "{} ({})".format(*resolve_dtype("auto", "cpu", (rows, cfg.n_embd, cfg.mlp_width))),
+    B, T = p["train_batch"]  # what train.py --dtype auto picks for the training rows' LoRA model
+    auto = training_dtype(TrainConfig(batch_size=B, block_size=T, dtype="auto"), Runtime("cpu"), build(p["train"], True))
+    out = {"auto_dtype": "{} ({})".format(*auto),
            "matmul_fp32_gflops": matmul_gflops(p["matmul_n"], torch.float32),
            # without native bf16 the full-size bf16 matmul alone takes minutes: the probe's figure stands in
            "matmul_bf16_gflops": matmul_gflops(p["matmul_n"], torch.bfloat16) if native else probe["bf16"],
@@ -395,7 +396,7 @@ def measure(mode):
     m = MODES[mode]
     shape, B, T = m["train"]
     res = {"ceilings": run_worker("ceilings", dict(matmul_n=m["matmul_n"], bandwidth_mb=m["bandwidth_mb"], train=shape,
-                                                   train_rows=B * T), "machine ceilings")}
+                                                   train_batch=(B, T)), "machine ceilings")}
     res["bf16"] = res["ceilings"].pop("bf16")
     res["bf16"]["skip_reason"] = skip = bf16_skip_reason(res["bf16"])
     if skip:

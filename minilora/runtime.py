@@ -1,7 +1,7 @@
 """Where and how a training run computes: the device, the precision, and the processes (DDP).
 
     rt = setup_runtime(cfg)       # picks the device (and the dtype, but "auto" on the CPU), joins torchrun's group, seeds
-    rt.dtype, why = resolve_dtype(cfg.dtype, rt.device_type, (rows, n_embd, mlp_width))  # by measurement
+    rt.dtype, why = resolve_dtype(cfg.dtype, rt.device_type, widest_matmul, step_speedup)  # trainer.training_dtype
     with autocast_context(rt.device_type, rt.dtype): ...
     cleanup(rt)                   # leaves the process group
 """
@@ -50,16 +50,19 @@ def pick_device(name="auto"):
     return "cpu"
 
 
-# bf16 autocast casts weights and activations every step, and attention, norms and the optimizer do
-# not speed up with it: the model's matmuls must run this much faster in bf16 for the step to gain.
-BF16_MIN_SPEEDUP = 1.3
-BF16_PROBE = (512, 512, 512)  # the shape that tells whether a CPU has bf16 instructions at all
+# bf16 autocast must make the model's own forward + backward this much faster to be taken: a bf16
+# matmul alone can be many times faster (7-9x with AMX) while the step is slower (casts, attention,
+# norms and the optimizer do not speed up; a 128-wide model stepped 0.7-0.8x as fast in bf16).
+BF16_MIN_SPEEDUP = 1.2
+BF16_PROBE = (512, 512, 512)  # a matmul that tells whether a CPU has bf16 instructions at all
+MIN_TIMED_FLOPS = 2 ** 26  # a widest matmul under this is well under a millisecond: bf16 cannot pay
 
 
-def resolve_dtype(dtype, device_type, matmul_shape=None):
-    """-> (dtype, why). "auto" is bf16 on a CUDA GPU that has it, and on the CPU only where a matmul of the
-    model's own shape (matmul_shape = rows, in, out) measures BF16_MIN_SPEEDUP x faster in bf16 than fp32.
-    Explicit bf16 on a CPU that emulates it (measured slower than fp32) warns with the figure."""
+def resolve_dtype(dtype, device_type, widest_matmul=None, step_speedup=None):
+    """-> (dtype, why). "auto" is bf16 on a CUDA GPU that has it, and on the CPU only where
+    step_speedup() (fp32 time / bf16-autocast time of the model's own forward + backward, measured
+    by the caller) reaches BF16_MIN_SPEEDUP. widest_matmul (rows, in, out) says which models are too
+    small to bother. Explicit bf16 on a CPU that emulates it (measured slower than fp32) warns."""
     if dtype == "fp16" and device_type != "cuda":
         raise MiniloraError(f"--dtype fp16 needs a CUDA GPU (it relies on a GradScaler); on {device_type} use bf16 or fp32")
     if device_type == "cuda" and dtype == "auto":
@@ -73,15 +76,17 @@ def resolve_dtype(dtype, device_type, matmul_shape=None):
                           f"measured {speedup:.2f}x fp32's speed in bf16 (no bf16 instructions?); --dtype auto picks "
                           "the faster one", stacklevel=2)
         return "bf16", "as asked"
-    m, k, n = matmul_shape or BF16_PROBE
-    whose = "the model's" if matmul_shape else "a"
-    if 2 * m * k * n < 2 ** 26:  # well under a millisecond: too short to time, and the casts would cost more
-        return "fp32", f"auto: {whose} {m}x{k}x{n} matmul is too small for bf16 to pay"
-    speedup = matmul_speedup(torch.bfloat16, m, k, n)
-    measured = f"auto: {whose} {m}x{k}x{n} matmul measured {speedup:.2f}x fp32's speed in bf16 here"
+    m, k, n = widest_matmul or BF16_PROBE
+    if 2 * m * k * n < MIN_TIMED_FLOPS or step_speedup is None:
+        return "fp32", f"auto: the model's widest matmul ({m}x{k}x{n}) is too small for bf16 to pay"
+    matmul = matmul_speedup(torch.bfloat16, *BF16_PROBE)
+    if matmul < 1:  # emulated bf16: no need to time the model
+        return "fp32", f"auto: a bf16 matmul measured {matmul:.2f}x fp32's speed here (no bf16 instructions)"
+    speedup = step_speedup()
+    measured = f"auto: the model's forward + backward measured {speedup:.2f}x fp32's speed under bf16 autocast here"
     if speedup >= BF16_MIN_SPEEDUP:
         return "bf16", measured
-    return "fp32", f"{measured}; bf16 autocast needs {BF16_MIN_SPEEDUP}x to pay for its casts"
+    return "fp32", f"{measured} (bf16 needs {BF16_MIN_SPEEDUP}x)"
 
 
 def autocast_context(device_type, dtype):

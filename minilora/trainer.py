@@ -448,11 +448,29 @@ class TrainResult:
     stopped_early: bool = False                  # --early_stopping_patience ended the run before max_iters
 
 
-def training_dtype(cfg, rt, config):
-    """-> (dtype, why) for this run: --dtype auto measures bf16 against fp32 on the model's widest matmul
-    (runtime.resolve_dtype). Under DDP every rank takes rank 0's answer, so all ranks compute alike."""
-    rows = min(2048, cfg.batch_size * (cfg.block_size or config.block_size))  # tokens per micro-batch, capped
-    choice = list(resolve_dtype(cfg.dtype, rt.device_type, (rows, config.n_embd, config.mlp_width)))
+def training_dtype(cfg, rt, model):
+    """-> (dtype, why) for this run. --dtype auto on the CPU times the model's own forward + backward on
+    a slice of a batch in fp32 and under bf16 autocast (runtime.resolve_dtype decides); nothing of the
+    model changes (its gradients are cleared, the RNG restored). Under DDP every rank takes rank 0's answer."""
+    config = model.config
+    T = cfg.block_size or config.block_size
+    rows = max(1, min(cfg.batch_size, 1024 // T))  # as many tokens as the fp32 kernels are timed on
+
+    def step_speedup():
+        x = torch.randint(0, config.vocab_size, (rows, T), generator=torch.Generator().manual_seed(0))
+        seconds = {}
+        with torch.random.fork_rng():
+            for dtype in ("fp32", "bf16", "fp32", "bf16"):  # the first of each is a warm-up
+                t0 = time.perf_counter()
+                with autocast_context(rt.device_type, dtype):
+                    _, loss = model(x, x, loss_only=True)
+                loss.backward()
+                seconds[dtype] = time.perf_counter() - t0
+        model.zero_grad(set_to_none=True)
+        return seconds["fp32"] / seconds["bf16"]
+
+    widest = (min(2048, cfg.batch_size * T), config.n_embd, config.mlp_width)
+    choice = list(resolve_dtype(cfg.dtype, rt.device_type, widest, step_speedup))
     if rt.ddp:
         dist.broadcast_object_list(choice, src=0)
     return tuple(choice)
@@ -476,7 +494,7 @@ def train(model, dataset, cfg, rt, eval_fn=None, stream=None, info=None):
     """
     cfg = dataclasses.replace(cfg, max_iters=total_iters(cfg, dataset, rt))
     raw_model = model
-    rt.dtype, why = training_dtype(cfg, rt, raw_model.config)
+    rt.dtype, why = training_dtype(cfg, rt, raw_model)
     optimizer = configure_optimizer(raw_model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type,
                                     cfg.loraplus_lr_ratio)
     # fp16's narrow range needs loss scaling; bf16 has fp32's exponent range, so its scaler stays off

@@ -22,7 +22,7 @@ def test_bench_smoke_emits_json_with_every_row(tmp_path):
     result = json.loads(out.read_text())
     assert "matmul fp32" in proc.stdout and "LoRA / full" in proc.stdout  # the table went to stdout
     # what --dtype auto picks here, and the library each fp32 product of the training steps ran on
-    assert "train.py --dtype auto at the training shape: fp32 (auto: the model's 64x32x128 matmul is too small" in proc.stdout
+    assert "train.py --dtype auto at the training shape: fp32 (auto: the model's widest matmul (64x32x128) is too small" in proc.stdout
     assert "fp32 kernels of 'LoRA r=8 q,v fp32', chosen by timing MKL and oneDNN on the first step:" in proc.stdout
     assert "fp32 kernels of 'LoRA r=8 q,v bf16 autocast'" not in proc.stdout  # bf16 runs on torch's own path
 

@@ -152,18 +152,44 @@ def test_head_and_loss_match_cross_entropy_on_either_library(monkeypatch, kernel
 
 # ---- dtype by measurement ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("speedup,expected", [(0.4, "fp32"), (1.1, "fp32"), (3.0, "bf16")])
-def test_dtype_auto_takes_bf16_only_where_measured_faster(monkeypatch, speedup, expected):
-    monkeypatch.setattr("minilora.runtime.matmul_speedup", lambda dtype, m, k, n: speedup)
-    dtype, why = resolve_dtype("auto", "cpu", (2048, 768, 3072))
+@pytest.mark.parametrize("speedup,expected", [(0.75, "fp32"), (1.1, "fp32"), (2.5, "bf16")])
+def test_dtype_auto_takes_bf16_only_where_the_models_step_measures_faster(monkeypatch, speedup, expected):
+    """The decision follows the model's own forward + backward, not a matmul: with AMX a bf16 matmul ran
+    7-9x fp32's speed while a 128-wide model's step ran 0.7-0.8x."""
+    monkeypatch.setattr("minilora.runtime.matmul_speedup", lambda *a: 8.0)  # bf16 instructions present
+    dtype, why = resolve_dtype("auto", "cpu", (2048, 768, 3072), step_speedup=lambda: speedup)
     assert dtype == expected
-    assert f"2048x768x3072 matmul measured {speedup:.2f}x fp32's speed in bf16" in why
+    assert f"forward + backward measured {speedup:.2f}x fp32's speed under bf16 autocast" in why
 
 
-def test_dtype_auto_keeps_fp32_for_tiny_models_without_timing(monkeypatch):
+def test_dtype_auto_skips_timing_where_bf16_is_emulated_or_the_model_tiny(monkeypatch):
+    untimed = lambda: pytest.fail("timed the model")  # noqa: E731
+    monkeypatch.setattr("minilora.runtime.matmul_speedup", lambda *a: 0.3)  # an AVX2-only CPU
+    assert resolve_dtype("auto", "cpu", (2048, 768, 3072), untimed) == (
+        "fp32", "auto: a bf16 matmul measured 0.30x fp32's speed here (no bf16 instructions)")
     monkeypatch.setattr("minilora.runtime.matmul_speedup", lambda *a: pytest.fail("timed a tiny matmul"))
-    assert resolve_dtype("auto", "cpu", (256, 32, 128)) == ("fp32", "auto: the model's 256x32x128 matmul is too "
-                                                                  "small for bf16 to pay")
+    assert resolve_dtype("auto", "cpu", (256, 32, 128), untimed) == (
+        "fp32", "auto: the model's widest matmul (256x32x128) is too small for bf16 to pay")
+
+
+def test_training_dtype_times_the_model_and_leaves_it_as_it_was(monkeypatch):
+    """trainer.training_dtype runs the model forward + backward in both precisions: afterwards no gradient
+    is left and the global RNG is where it was (dropout masks of the run are unchanged)."""
+    from minilora import GPT, GPTConfig, LoraConfig
+    from minilora.lora import apply_lora
+    from minilora.runtime import Runtime
+    from minilora.trainer import TrainConfig, training_dtype
+    monkeypatch.setattr("minilora.runtime.MIN_TIMED_FLOPS", 0)
+    monkeypatch.setattr("minilora.runtime.matmul_speedup", lambda *a: 8.0)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name("tiny", dropout=0.1))
+    apply_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    model.train()
+    rng = torch.get_rng_state()
+    dtype, why = training_dtype(TrainConfig(batch_size=4, block_size=32, dtype="auto"), Runtime("cpu"), model)
+    assert dtype in ("fp32", "bf16") and "forward + backward measured" in why
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
 
 
 def test_explicit_bf16_on_a_cpu_that_emulates_it_warns_with_the_figure(monkeypatch):
@@ -251,7 +277,7 @@ def test_resume_keeps_the_measured_dtype_and_kernels(tmp_path):
         train(model, load_data(cfg, info.tokenizer, model.config.block_size, rt), cfg, rt, stream=log)
         return rt, log.getvalue()
     rt, log = run(cfg)
-    assert rt.dtype == "fp32" and "precision: fp32 (auto: the model's 64x32x128 matmul is too small" in log
+    assert rt.dtype == "fp32" and "precision: fp32 (auto: the model's widest matmul (64x32x128) is too small" in log
     path = os.path.join(cfg.out_dir, "checkpoint", "state.pt")
     state = torch.load(path, weights_only=True)
     assert state["dtype"] == "fp32"

@@ -134,7 +134,8 @@ def linear(x, weight, bias=None):
 # A training linear is three products: forward y = x W^T, input gradient dx = g W, and (when W
 # trains) weight gradient dW = g^T x. torch sends all three to MKL in fp32. Which library is
 # faster depends on the CPU: on an AMD EPYC Zen 2, oneDNN ran these shapes 1.2-1.45x faster than
-# MKL; on a Zen 4 the two were even; on a Sapphire Rapids Xeon MKL won some and lost others. So
+# MKL; on a Zen 4 oneDNN for all three made the LoRA step no faster; on a Sapphire Rapids Xeon MKL
+# won every gradient (oneDNN 0.4-0.9x) and oneDNN a few forwards (up to 1.17x). So
 # the first training call for each weight shape times both libraries on that call's own tensors
 # and keeps the choice for the process. Each product is a linear() of some operands, so one
 # function runs all three on either library: dx = linear(g, W^T), dW = linear(g^T, x^T).
@@ -210,7 +211,7 @@ def use_kernel_choices(choices):
 
 
 def kernel_report():
-    """One line per (product, weight shape) chosen so far in this process, for train.py and bench.py to print."""
+    """One line per (product, weight shape) chosen so far in this process (bench.py prints them)."""
     return [f"{p:11s} {'x'.join(map(str, shape)):>11s}: {c['kernel']:6s} ({c['reason']})"
             for (p, shape), c in sorted(_choices.items(), key=lambda kv: (kv[0][1], PRODUCTS.index(kv[0][0])))]
 
@@ -221,8 +222,8 @@ def kernel_summary():
     if not timed:
         return ""
     dnn = sum(c["kernel"] == "onednn" for c in timed)
-    return (f"fp32 matmul products, timed on the first step: oneDNN for {dnn}, MKL for {len(timed) - dnn} "
-            f"of {len(timed)} (bench.py --quick lists them; {KERNEL_ENV}=mkl|onednn forces one)")
+    return (f"fp32 matmul products, timed at the start: oneDNN for {dnn}, MKL for {len(timed) - dnn} "
+            f"of {len(timed)} ({KERNEL_ENV}=mkl|onednn forces one)")
 
 
 class KernelLinear(torch.autograd.Function):

@@ -100,9 +100,9 @@ def usable_cores(sys_root="/sys"):
     """Physical cores this process may run on: the CPUs of its affinity mask (taskset, cpusets), SMT
     siblings counted once, and no more than a cgroup CPU quota (docker --cpus) allows.
 
-    torch starts with one thread per physical core of the whole machine (c10's defaultNumThreads, via
-    cpuinfo), whatever the mask or quota says; more threads than cores makes every matmul wait at its
-    barrier for a thread that is not running (see README, Performance: threads)."""
+    torch starts with one thread per physical core (c10's defaultNumThreads, via cpuinfo): it follows
+    the affinity mask (`taskset -c 0` gave 1 thread) but not a quota, and more threads than cores
+    makes every matmul wait at its barrier for a thread that is not running (README, Performance)."""
     cores = set()
     for cpu in os.sched_getaffinity(0):
         topology = os.path.join(sys_root, f"devices/system/cpu/cpu{cpu}/topology")
@@ -142,7 +142,7 @@ def setup_runtime(cfg):
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     device_type = device.split(":")[0]
-    # On the CPU "auto" needs the model's shapes: trainer.train decides it (resolve_dtype with matmul_shape).
+    # On the CPU "auto" (and bf16's check) needs the model: trainer.training_dtype decides it at train().
     dtype = cfg.dtype if device_type == "cpu" and cfg.dtype != "fp16" else resolve_dtype(cfg.dtype, device_type)[0]
     rt = Runtime(device, dtype, rank, local_rank, world_size)
     threads = limit_threads() if device_type == "cpu" else None

@@ -129,7 +129,8 @@ class TrainConfig:
     # ---- system ----
     device: str = opt("auto", "auto (cuda, mps, cpu), or e.g. cpu, cuda, cuda:1")
     dtype: str = opt("auto", "fp32, bf16 (CPU and CUDA), fp16 (CUDA, with GradScaler); auto = bf16 where it is faster (a CUDA "
-                     "GPU with bf16; a CPU whose bf16 matmul at the model's shape measures 1.3x fp32's), else fp32",
+                     "GPU with bf16; a CPU where the model's forward + backward measures 1.2x fp32's speed in bf16), "
+                     "else fp32",
                      choices=["auto", "fp32", "bf16", "fp16"])
     compile: bool = opt(False, "torch.compile the model")
     gradient_checkpointing: bool = opt(False, "recompute each block's activations in the backward pass: far less "
@@ -544,7 +545,7 @@ def train(model, dataset, cfg, rt, eval_fn=None, stream=None, info=None):
             raise stop(f"non-finite gradient norm ({grad_norm})", iter_num + 1, cfg,
                        "Lower --lora_alpha (updates are scaled by alpha/r) or --learning_rate")
         iter_num += 1
-        if iter_num == start_iter + 1 and kernel_summary():  # the first step measured the fp32 kernels
+        if iter_num == start_iter + 1 and kernel_summary():  # the fp32 kernels were timed by now
             progress.note(kernel_summary())
         n = sum(x.numel() for x, _ in batches) * rt.world_size
         tokens, tokens_log = tokens + n, tokens_log + n

@@ -135,16 +135,18 @@ def _buffer(numel, dtype, device, slot=0):
 
 
 class _QuantMatmul(torch.autograd.Function):
-    """y = x @ W.T with W dequantized on the fly, forward and backward; nothing float is saved."""
+    """y = x @ W.T + bias with W dequantized on the fly, forward and backward; nothing float is saved."""
 
     @staticmethod
-    def forward(ctx, x, layer):
+    def forward(ctx, x, layer, bias):
         ctx.layer = layer
-        return layer.matmul(x)
+        return layer.matmul(x, bias=bias)
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.layer.matmul(grad, transpose=True) if ctx.needs_input_grad[0] else None, None
+        grad_x = ctx.layer.matmul(grad, transpose=True) if ctx.needs_input_grad[0] else None
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None  # bias="all"
+        return grad_x, None, grad_bias
 
 
 class QuantizedLinear(nn.Module):
@@ -265,12 +267,12 @@ class QuantizedLinear(nn.Module):
         step = 1 if self.method == "int8" else self.block_size // math.gcd(self.in_features, self.block_size)
         return max(step, MAX_CHUNK // self.in_features // step * step)
 
-    def matmul(self, x, transpose=False):
-        """x @ W.T ((..., in) -> (..., out)), or with transpose x @ W ((..., out) -> (..., in)), in x's dtype."""
+    def matmul(self, x, transpose=False, bias=None):
+        """x @ W.T + bias ((..., in) -> (..., out)), or with transpose x @ W ((..., out) -> (..., in)), in x's dtype."""
         rows = self._chunk_rows()
         if rows >= self.out_features:
             w = self._rows(0, self.out_features, x.dtype)
-            return x @ w if transpose else linear(x, w)
+            return x @ w if transpose else linear(x, w, bias)
         out = None
         for r0 in range(0, self.out_features, rows):
             r1 = min(r0 + rows, self.out_features)
@@ -280,15 +282,18 @@ class QuantizedLinear(nn.Module):
                 out = part if out is None else out.add_(part)
             else:
                 out = x.new_empty(*x.shape[:-1], self.out_features) if out is None else out
-                out[..., r0:r1] = linear(x, w)
+                out[..., r0:r1] = linear(x, w, None if bias is None else bias[r0:r1])
         return out
 
     def forward(self, x):
         if torch.is_autocast_enabled(x.device.type):  # compute in autocast's dtype, as nn.Linear would
             x = x.to(torch.get_autocast_dtype(x.device.type))
+        # The bias goes into the product (as nn.Linear's addmm does): added after the product is rounded
+        # to bf16 it would be a second rounding that nn.Linear under autocast does not make (the frozen
+        # bias usually needs no gradient; with LoRA's bias="all" _QuantMatmul's backward gives it one).
+        bias = None if self.bias is None else self.bias.to(x.dtype)
         with torch.autocast(x.device.type, enabled=False):
-            y = _QuantMatmul.apply(x, self)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+            return _QuantMatmul.apply(x, self, bias)
 
 
 # ---- whole models -------------------------------------------------------------------------------

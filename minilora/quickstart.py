@@ -287,6 +287,9 @@ def finetune(args, task, paths):
                 "train_state_bytes": 16 * trainable + frozen_bytes,
                 "base_accuracy": base_acc, "accuracy": acc, "val_loss": result.val_loss,
                 "steps": result.iter_num, "train_s": result.elapsed, "tokens_per_sec": result.tokens_per_sec,
+                # auto precision is measured at the start of the run, so a busy machine can tip it to fp32: results
+                # compared across runs (LoRA vs QLoRA) must say which they trained in
+                "precision": rt.dtype,
                 "peak_rss_mb": result.peak_memory_mb, "wall_s": time.time() - t_start,
                 "n_train": dataset.num_train_examples, "n_val": len(val), "run_dir": run_dir, "examples": examples,
                 "torch_threads": torch.get_num_threads()}
@@ -327,7 +330,7 @@ def report(r, paths):
              f"fine-tuned {r['accuracy']:.1%}",
              f"trainable params {r['trainable_params']:,d} of {r['total_params']:,d} "
              f"({100 * r['trainable_params'] / r['total_params']:.2f}%)",
-             f"{r['steps']} steps in {r['train_s']:.0f} s, {r['tokens_per_sec']:,.0f} tokens/s, "
+             f"{r['steps']} steps in {r['train_s']:.0f} s ({r.get('precision', '?')}), {r['tokens_per_sec']:,.0f} tokens/s, "
              f"peak RSS {r['peak_rss_mb']:,.0f} MiB (whole process), "
              f"training state {fmt_bytes(r['train_state_bytes'])} (computed)"]
     base_bytes = dir_bytes(paths["base"], ["config.json", "model.safetensors"])

@@ -120,6 +120,28 @@ def test_forward_backward_equal_the_dequantized_linear_in_chunks(method, monkeyp
         assert q(x).dtype == torch.bfloat16
 
 
+def test_bf16_forward_is_nn_linear_on_the_dequantized_weight_and_a_trained_bias_gets_its_gradient(monkeypatch):
+    # nn.Linear under autocast adds the bias inside the product and rounds to bf16 once; adding it after
+    # the bf16 product rounds twice (a QLoRA run then trained on different numbers than the same
+    # weights in float): the quantized layer must give nn.Linear's bits.
+    layer = linear_layer(40, 48)
+    q = QuantizedLinear.from_linear(layer, "nf4")
+    ref = torch.nn.Linear(48, 40)
+    with torch.no_grad():
+        ref.weight.copy_(q.dequantize())
+        ref.bias.copy_(layer.bias)
+    x = torch.randn(3, 5, 48) * 3
+    with torch.autocast("cpu", torch.bfloat16):
+        assert torch.equal(q(x), ref(x))
+    q.bias.requires_grad_(True)  # LoRA's bias="all" trains the bias of a quantized layer
+    for chunk in (qmod.MAX_CHUNK, 64 * 3):
+        monkeypatch.setattr(qmod, "MAX_CHUNK", chunk)
+        q.bias.grad, ref.bias.grad = None, None
+        q(x).square().sum().backward()
+        ref(x).square().sum().backward()
+        torch.testing.assert_close(q.bias.grad, ref.bias.grad, atol=1e-4, rtol=1e-5)
+
+
 def test_state_dict_holds_the_packed_storage_and_loads_back():
     torch.manual_seed(0)
     m = quantize(GPT(GPTConfig.from_name("tiny")), "nf4")

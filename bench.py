@@ -20,6 +20,10 @@ bf16 on a CPU without native bf16 (no AVX512-BF16/AMX) is emulated, many times s
 the bf16 training rows alone would take many minutes. A brief probe (a 512x512 matmul in each
 dtype) decides by measurement: where bf16 is the slower one, those rows and the ratios built on
 them are reported as skipped, with the reason. MINILORA_ASSUME_NO_BF16=1 forces that branch.
+
+The table also says what train.py's --dtype auto picks for the training rows' model, and lists,
+for each fp32 training row, the library (MKL or oneDNN) each matmul product ran on as
+minilora.ops timed them at its first step (MINILORA_FP32_KERNEL=mkl|onednn forces one).
 """
 
 import argparse

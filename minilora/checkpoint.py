@@ -168,11 +168,16 @@ def step_checkpoints(out_dir):
     return sorted(found)
 
 
+def step_checkpoint_path(out_dir, step):
+    """out_dir/checkpoint-{step}, or None for no step."""
+    return None if step is None else os.path.join(out_dir, f"checkpoint-{step}")
+
+
 def save_step_checkpoint(raw_model, out_dir, step, val_loss=None, extra_files=None):
     """Write out_dir/checkpoint-{step}: the adapter (or, without LoRA, the whole model) as the run's output
     would be at this step, + trainer_state.json + extra_files ({name: text}, the trainer's minilora.json and
     chat template); in one rename, so it is complete or absent. -> its path."""
-    path = os.path.join(out_dir, f"checkpoint-{step}")
+    path = step_checkpoint_path(out_dir, step)
     with atomic_directory(path) as tmp:
         # save_adapter/save_pretrained each want a directory of their own; their files move up one level
         product = os.path.join(tmp, "product")

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from minilora.adapter_files import save_adapter
 from minilora.adapters import set_adapter
 from minilora.checkpoint import find_checkpoint, load_checkpoint, prune_step_checkpoints, restore_step_checkpoint, \
-    rng_state, save_checkpoint, save_step_checkpoint, seed_everything, set_rng_state
+    rng_state, save_checkpoint, save_step_checkpoint, seed_everything, set_rng_state, step_checkpoint_path
 from minilora.cli import opt
 from minilora.config import PRESETS
 from minilora.chat import TEMPLATE_FILE, load_chat_template, write_template
@@ -495,18 +495,17 @@ def train(model, dataset, cfg, rt, eval_fn=None, stream=None, info=None):
     """
     cfg = dataclasses.replace(cfg, max_iters=total_iters(cfg, dataset, rt))
     raw_model = model
-    rt.dtype, why = training_dtype(cfg, rt, raw_model)
     optimizer = configure_optimizer(raw_model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type,
                                     cfg.loraplus_lr_ratio)
     # fp16's narrow range needs loss scaling; bf16 has fp32's exponent range, so its scaler stays off
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "fp16")
     iter_num, best_val, kept = 0, None, {}
     checkpoint = find_checkpoint(cfg.out_dir)
+    restored_dtype = False
     if cfg.resume and checkpoint:
-        measured = rt.dtype
+        before = rt.dtype
         iter_num, best_val, kept = load_checkpoint(checkpoint, raw_model, optimizer, scaler, dataset, cfg, rt)
-        if rt.dtype != measured:  # --dtype auto keeps what the run measured when it started: resuming is exact
-            why = "auto: as measured when this run started"
+        restored_dtype = rt.dtype != before  # --dtype auto keeps what the run measured when it started
     elif checkpoint and not cfg.resume:
         raise MiniloraError(f"{cfg.out_dir} already holds a checkpoint; pass --resume to continue it, "
                             "or choose a new --out_dir")
@@ -515,6 +514,9 @@ def train(model, dataset, cfg, rt, eval_fn=None, stream=None, info=None):
             print(f"--resume: no checkpoint in {cfg.out_dir} yet, starting at step 0")
         seed_everything(cfg.seed + rt.rank)  # from here on: per-rank dropout, independent of model building
     progress = Progress(cfg.out_dir, rt.master, iter_num if cfg.resume else None, stream)
+    # timed after the checkpoint is read: a resumed run takes the dtype its start measured (resuming stays exact)
+    rt.dtype, why = (rt.dtype, "auto: as measured when this run started") if restored_dtype else \
+        training_dtype(cfg, rt, raw_model)
     progress.note(f"precision: {rt.dtype if rt.dtype == 'fp32' else rt.dtype + ' autocast'} ({why})")
     if cfg.compile:
         model = torch.compile(model)
@@ -582,7 +584,7 @@ def train(model, dataset, cfg, rt, eval_fn=None, stream=None, info=None):
             save_checkpoint(raw_model, optimizer, scaler, dataset, cfg, rt, iter_num, best_val, kept)
 
     elapsed = time.time() - t0
-    best = None if kept["best_step"] is None else os.path.join(cfg.out_dir, f"checkpoint-{kept['best_step']}")
+    best = step_checkpoint_path(cfg.out_dir, kept["best_step"])
     if cfg.load_best_model_at_end and best and rt.master:  # out_dir/checkpoint keeps the last step, for --resume
         restore_step_checkpoint(raw_model, best)
         progress.note(f"best validation loss {kept['best_step_loss']:.4f} at step {kept['best_step']}: "
@@ -614,7 +616,7 @@ def save_steps_checkpoint(raw_model, cfg, step, val_loss, kept, info=None):
     if val_loss is not None and (kept["best_step_loss"] is None or val_loss < kept["best_step_loss"]):
         kept["best_step"], kept["best_step_loss"] = step, val_loss
     if cfg.save_total_limit:
-        best = None if kept["best_step"] is None else os.path.join(cfg.out_dir, f"checkpoint-{kept['best_step']}")
+        best = step_checkpoint_path(cfg.out_dir, kept["best_step"])
         prune_step_checkpoints(cfg.out_dir, cfg.save_total_limit, keep=best if cfg.load_best_model_at_end else None)
 
 

@@ -287,8 +287,8 @@ def finetune(args, task, paths):
                 "train_state_bytes": 16 * trainable + frozen_bytes,
                 "base_accuracy": base_acc, "accuracy": acc, "val_loss": result.val_loss,
                 "steps": result.iter_num, "train_s": result.elapsed, "tokens_per_sec": result.tokens_per_sec,
-                # auto precision is measured at the start of the run, so a busy machine can tip it to fp32: results
-                # compared across runs (LoRA vs QLoRA) must say which they trained in
+                # --dtype auto is measured at the start of each run: results compared across runs (LoRA vs
+                # QLoRA) must say which precision they trained in
                 "precision": rt.dtype,
                 "peak_rss_mb": result.peak_memory_mb, "wall_s": time.time() - t_start,
                 "n_train": dataset.num_train_examples, "n_val": len(val), "run_dir": run_dir, "examples": examples,

@@ -20,6 +20,7 @@ measured peak.
 """
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from minilora.config import GPTConfig
 from minilora.lora import LoraConfig, apply_lora, count_parameters
@@ -49,21 +50,27 @@ def _build(config, method, lora_config, quant, base_dtype, device="meta"):
 
 
 def _saved_activation_bytes(model, batch_size, seq_len, dtype):
-    """Bytes autograd keeps for the backward pass of one training forward (weights and buffers excluded)."""
+    """Bytes autograd keeps for the backward pass of one training forward (weights and buffers excluded).
+
+    Counted once the forward is done, over the storages still alive: a tensor saved by a graph
+    that was then dropped (a detached side computation) is gone by then, and since every storage
+    counted is alive at once, no two share an address.
+    """
     own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    seen = {}
+    saved = []
 
     def pack(t):
         storage = t.untyped_storage()
-        if storage.data_ptr() not in own:
-            seen[storage.data_ptr()] = storage.nbytes()
+        saved.append((StorageWeakRef(storage), storage.data_ptr(), storage.nbytes()))
         return t
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=g)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with torch.autocast("cpu", torch.bfloat16, enabled=dtype == "bf16"):
-            model(x, x, loss_only=True)
-    return sum(seen.values())
+            loss = model(x, x, loss_only=True)
+    alive = {ptr: nbytes for ref, ptr, nbytes in saved if not ref.expired() and ptr not in own}
+    del loss
+    return sum(alive.values())
 
 
 def _features(config, r_cols):
@@ -111,8 +118,11 @@ def activation_bytes(config, method, lora_config, quant="nf4", dtype="fp32", bat
         rows.append(_features(small, lora_columns(model)))
         per_layer.append(slope[1] - slope[0])
         outside.append((slope[0] - per_layer[-1]) / small.n_embd)
-    coef = torch.linalg.lstsq(torch.tensor(rows, dtype=torch.float64),
-                              torch.tensor(per_layer, dtype=torch.float64)[:, None]).solution[:, 0]
+    # Some widths move together in a family (GPT-2's key/value width is C; full fine-tuning has no LoRA
+    # columns), so the system is rank-deficient: the minimum-norm solution (SVD, small singular values cut)
+    # is the one well-defined answer, and the real shape has the same dependencies, so it is exact there.
+    coef = torch.linalg.lstsq(torch.tensor(rows, dtype=torch.float64), torch.tensor(per_layer, dtype=torch.float64)[:, None],
+                              rcond=1e-9, driver="gelsd").solution[:, 0]
     if r_cols is None:
         r_cols = lora_columns(_build(GPTConfig(**{**config.to_dict(), "n_layer": 1}), method, lora_config, quant, "fp32"))
     layer = float(torch.tensor(_features(config, r_cols), dtype=torch.float64) @ coef)

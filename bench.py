@@ -34,6 +34,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -247,14 +248,14 @@ def _proc_kb(field):
 
 def worker_memory_step(p):
     """LoRA training steps on an fp32 / NF4 / int8 base, with or without checkpointing: the steps' peak RSS
-    above the bare runtime (Linux's VmHWM, reset after building), tokens/s, and the planner's estimate."""
+    above the bare runtime (Linux's VmHWM, reset after loading), tokens/s, and the planner's estimate.
+    The base is read from a checkpoint the parent wrote, as a user loads one: a quantized base layer by layer
+    (GPT.from_pretrained(quantize=...)), never whole in fp32."""
     warm = build(("tiny", {}), lora=True)  # load and initialise torch's kernels (oneDNN, autograd threads) first
     warm(*[torch.randint(257, (2, 8))] * 2, loss_only=True)[1].backward()
     del warm
     rss0 = _proc_kb("VmRSS")  # Python + torch, before any weight
-    model = build(p["shape"])
-    if p["quantize"]:
-        quantize(model, p["quantize"])
+    model = GPT.from_pretrained(p["path"], quantize=p["quantize"])
     apply_lora(model, LoraConfig(**LORA))
     if p["checkpointing"]:
         model.gradient_checkpointing_enable()
@@ -272,7 +273,7 @@ def worker_memory_step(p):
         optimizer.zero_grad(set_to_none=True)
 
     with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM: building the fp32 model before quantizing it is not the step's memory
+        f.write("5")  # reset VmHWM: loading is not the step's memory
     seconds = timed(step, p["repeats"])
     peak_mb = (_proc_kb("VmHWM") - rss0) / 1024
     plan = memory_plan(model.config, "qlora" if p["quantize"] else "lora", LoraConfig(**LORA), p["quantize"] or "nf4",
@@ -340,7 +341,14 @@ MEMORY_RUNS = {  # name: (worker, params); the issue's targets are ratios of the
 
 def memory_bench():
     """Run MEMORY_RUNS and print the issue's targets against what was measured (timings: noisy on a shared machine)."""
-    r = {name: run_worker(kind, params, name) for name, (kind, params) in MEMORY_RUNS.items()}
+    with tempfile.TemporaryDirectory() as tmp:  # each shape's random base, written once, read by its workers
+        paths = {}
+        for kind, params in MEMORY_RUNS.values():
+            if kind == "memory_step" and repr(params["shape"]) not in paths:
+                paths[repr(params["shape"])] = path = os.path.join(tmp, str(len(paths)))
+                build(params["shape"]).save_pretrained(path)
+        r = {name: run_worker(kind, {**params, "path": paths.get(repr(params.get("shape")))}, name)
+             for name, (kind, params) in MEMORY_RUNS.items()}
     e = r["quant_error"]
     lines = [f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} (shared: timings are noisy)",
              "| figure | measured | target |", "|---|---:|---:|",

@@ -97,7 +97,9 @@ def main(argv=None):
         init_from = adapter_base(specs[0][1])
     plain = specs[0][1] if specs and not named else None
     try:
-        model, base = load_model(init_from, adapter=plain, seed=args.seed, allow_pickle=args.allow_pickle)
+        # quantized as it loads, unless an adapter is to be merged into the float weights first
+        model, base = load_model(init_from, adapter=plain, seed=args.seed, allow_pickle=args.allow_pickle,
+                                 quantize=None if args.merge else args.quantize)
     except MiniloraError as e:
         if args.init_from is not None:
             raise
@@ -116,8 +118,8 @@ def main(argv=None):
         set_adapter(model, named[0])
     if args.merge:
         merge(model, safe_merge=True)
-    if args.quantize:  # a merged adapter is part of the weights then: quantize the plain merged model
-        quantize(merge_and_unload(model) if args.merge else model, args.quantize)
+    if args.quantize and args.merge:  # the merged adapter is part of the weights: quantize the plain merged model
+        model = quantize(merge_and_unload(model), args.quantize)
     model.to(device=args.device, dtype=parse_dtype(args.dtype))
     tok = get_tokenizer(model.config.tokenizer)
     if args.chat or args.messages:

@@ -24,7 +24,6 @@ from minilora.cli import main_guard, opt, parse_args
 from minilora.errors import MiniloraError
 from minilora.loading import load_model, template_dirs
 from minilora.openai_server import App, Server
-from minilora.quantize import quantize
 from minilora.registry import AdapterRegistry
 from minilora.serving import Engine
 from minilora.tokenizer import get_tokenizer
@@ -96,13 +95,11 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, _ = load_model(args.init_from)
+    model, _ = load_model(args.init_from, quantize=args.quantize)  # quantized layer by layer as it is read
     if hasattr(model, "peft_config"):
         raise MiniloraError(f"{args.init_from} is a LoRA run directory; serve its base with --init_from and the "
                             f"adapter with --lora-modules NAME={args.init_from}")
     model.to(args.device)
-    if args.quantize:
-        quantize(model, args.quantize)
     registry = AdapterRegistry(model, args.max_loras, args.max_cpu_loras, args.max_lora_rank)
     for name, path in adapters.items():
         registry.add(name, path)

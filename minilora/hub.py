@@ -199,17 +199,27 @@ def read_weights(path, config):
     return tensors, where
 
 
-def read_checkpoint(tensors, where, config, expected, dtype=None, device=None):
+def read_checkpoint(tensors, where, config, expected, dtype=None, device=None, raw=()):
     """read_weights' tensors -> our state dict, every name and shape checked first.
 
     `expected` is the state dict of a model built from `config` (on the meta device: shapes only).
     dtype defaults to float32 whatever the file stores (training keeps fp32 master weights); "auto"
     keeps the file's own (a bf16 checkpoint loads as bf16), or name one (torch.bfloat16,
     "bfloat16"). device: "cpu" by default. GPT.from_pretrained builds the model from these.
+    raw: names left as the file's tensors (a quantized model's linear weights: each layer converts and
+    quantizes its own as it loads).
     """
     sd = _check_gpt2(tensors, config, where) if config.family == "gpt2" else _check_family(tensors, config, expected, where)
     dtype, device = None if dtype == "auto" else _as_dtype(dtype or torch.float32), device or "cpu"
-    sd = {name: t.to(device=device, dtype=dtype or t.dtype).contiguous() for name, t in sd.items()}  # views become dense
+    out = {name: t if name in raw else t.to(device=device, dtype=dtype or t.dtype).contiguous()  # views become dense
+           for name, t in sd.items()}
+    # Unless every tensor is still a zero-copy view of the file (same dtype, no transpose), copy the rest out too:
+    # one view left in the memory map keeps the whole map resident, with every page the copies (or a quantized
+    # load) read, as much again as the weights.
+    views = [name for name, t in out.items() if t is sd[name] and name not in raw]
+    if len(views) < len(out):
+        out.update({name: out[name].clone() for name in views})
+    sd = out
     if config.tie_word_embeddings:
         sd["lm_head.weight"] = sd["transformer.wte.weight"]  # tied: one tensor under both names
     return sd

@@ -26,6 +26,7 @@ from minilora.config import HUB_NAMES, PRESETS, GPTConfig
 from minilora.errors import MiniloraError
 from minilora.hub import CONFIG_FILE, read_config
 from minilora.model import GPT
+from minilora.quantize import quantize as quantize_model
 
 RUN_FILE = "minilora.json"
 HUB_PRESETS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # presets that are also hub names: downloaded
@@ -85,13 +86,15 @@ def model_source(arg, preset="tiny"):
 
 
 def load_model(arg, *, adapter=None, preset="tiny", seed=None, dropout=None, trainable=False, allow_pickle=False,
-               _seen=()):
+               quantize=None, _seen=()):
     """The model `arg` names (+ the adapter directory `adapter`) -> (GPT in fp32, name of its base).
 
     The base name is what an adapter trained on this model records. Random weights are drawn
     from torch's global RNG, or from `seed` without touching it. trainable: a LoRA run's adapter
     stays trainable (train.py continues it); otherwise adapters load frozen and the model is in eval mode.
     allow_pickle: an adapter may be an older adapter_model.bin, read with torch.load(weights_only=True).
+    quantize: "nf4" or "int8": the base's linears are quantized as they are read from its file (QLoRA);
+    adapters stay float.
     """
     src = model_source(arg, preset)
     if src.kind == "run" and os.path.realpath(arg) in _seen:
@@ -108,9 +111,12 @@ def load_model(arg, *, adapter=None, preset="tiny", seed=None, dropout=None, tra
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 model = GPT(config)
+        if quantize:  # random weights: nothing to read, quantized once built
+            quantize_model(model, quantize)
         base = "scratch:" + src.name
     elif src.kind == "run" and src.info.kind == "lora":
-        model, base = load_model(src.info.base_model, dropout=dropout, seed=seed, _seen=(*_seen, os.path.realpath(arg)))
+        model, base = load_model(src.info.base_model, dropout=dropout, seed=seed, quantize=quantize,
+                                 _seen=(*_seen, os.path.realpath(arg)))
         try:
             load_adapter(model, arg, is_trainable=trainable, allow_pickle=allow_pickle)
         except MiniloraError as e:
@@ -118,12 +124,12 @@ def load_model(arg, *, adapter=None, preset="tiny", seed=None, dropout=None, tra
                                 f"if it moved, pass the base with --init_from and this directory with --adapter)") from None
     elif src.kind == "hub":
         try:
-            model = GPT.from_pretrained(arg, dropout=dropout)
+            model = GPT.from_pretrained(arg, dropout=dropout, quantize=quantize)
         except MiniloraError as e:
             raise MiniloraError(f"no directory {arg!r} here, and as a hub name: {e}") from None
         base = arg
     else:
-        model, base = GPT.from_pretrained(arg, dropout=dropout), os.path.abspath(arg)
+        model, base = GPT.from_pretrained(arg, dropout=dropout, quantize=quantize), os.path.abspath(arg)
     if adapter is not None:
         name = "default" if not hasattr(model, "peft_config") else "cli"
         load_adapter(model, adapter, adapter_name=name, allow_pickle=allow_pickle)

@@ -20,6 +20,7 @@ from minilora.config import GPTConfig
 from minilora.errors import MiniloraError
 from minilora.hub import CONFIG_FILE, read_checkpoint, read_config, read_weights, resolve, write_checkpoint
 from minilora.ops import Linear, LinearCrossEntropy
+from minilora.quantize import quantize as quantize_model, quantized_layers
 
 
 class KVCache(nn.Module):
@@ -361,10 +362,12 @@ class GPT(nn.Module):
     # ---- HF-format checkpoints (the file format is hub.py's) -------------------------------------
 
     @classmethod
-    def from_pretrained(cls, name_or_dir, *, dtype=None, device=None, dropout=None):
+    def from_pretrained(cls, name_or_dir, *, dtype=None, device=None, dropout=None, quantize=None):
         """An HF-format directory (GPT-2, OPT, Llama, Mistral, Qwen2), or a hub name downloaded once, in eval mode.
 
         dtype: None loads fp32 whatever the file holds; "auto" keeps the file's (bf16 stays bf16); or a dtype.
+        quantize: "nf4" or "int8" quantizes each linear as it is read (minilora.quantize; as transformers'
+        BitsAndBytesConfig does), so the float model is never in memory whole: a 7B base loads in ~4 GB.
         """
         path = resolve(name_or_dir)
         config = read_config(os.path.join(path, CONFIG_FILE), dropout)
@@ -375,10 +378,21 @@ class GPT(nn.Module):
         except (RuntimeError, TypeError, ValueError, OverflowError) as e:  # sizes past int64: no real checkpoint
             raise MiniloraError(f"{where}: its config.json describes a model that cannot be built ({str(e)[:80]}); "
                                 "config.json does not belong to these weights") from None
-        state_dict = read_checkpoint(tensors, where, config, model.state_dict(), dtype=dtype, device=device)
+        expected, raw = model.state_dict(), ()
+        if quantize:
+            raw = {p + ".weight" for p, _ in quantized_layers(quantize_model(model, quantize))}
+        # quantized on the CPU, a layer at a time, and then moved whole (moving the file's weights first would
+        # put a float copy of the model on the device)
+        state_dict = read_checkpoint(tensors, where, config, expected, dtype=dtype, device=None if raw else device,
+                                     raw=raw)
+        del tensors
         model.load_state_dict(state_dict, strict=True, assign=True)
         if config.tie_word_embeddings:  # assign=True gave wte and lm_head a Parameter each: re-tie
             model.transformer.wte.weight = model.lm_head.weight
+        if raw:  # a quantized layer dequantizes to the dtype the rest of the model was read in (never quantized: the head)
+            for _, layer in quantized_layers(model):
+                layer.dtype = model.lm_head.weight.dtype
+            model.to(device or "cpu")
         # transformers' name_or_path: what an adapter trained on this model records as its base
         model.name_or_path = os.path.abspath(name_or_dir) if os.path.isdir(name_or_dir) else name_or_dir
         return model.eval()

@@ -72,16 +72,17 @@ _PAIRS = torch.stack([NF4[torch.arange(256) >> 4], NF4[torch.arange(256) & 15]],
 def _blocks(w, block_size):
     """w flattened, zero-padded to whole blocks: (n_blocks, block_size) in fp32."""
     flat = w.detach().reshape(-1).float()
-    return F.pad(flat, (0, -flat.numel() % block_size)).view(-1, block_size)
+    return F.pad(flat, (0, -flat.numel() % block_size)).view(-1, block_size)  # a new tensor even with no padding
 
 
 def nf4_quantize(w, block_size=64):
     """w -> (packed uint8 (ceil(n / bs) * bs / 2,), absmax fp32 (n_blocks,)): nearest level per value."""
-    blocks = _blocks(w, block_size)  # (nb, bs)
+    blocks = _blocks(w, block_size)  # (nb, bs), a copy of w's values: scaled in place below
     absmax = blocks.abs().amax(1)  # (nb,)
-    scaled = blocks / absmax.clamp(min=torch.finfo(torch.float32).tiny)[:, None]  # in [-1, 1]; a zero block stays 0
+    scaled = blocks.div_(absmax.clamp(min=torch.finfo(torch.float32).tiny)[:, None])  # in [-1, 1]; a zero block stays 0
     mids = (NF4[1:] + NF4[:-1]) / 2  # (15,) decision boundaries: nearest level, a tie goes to the lower one
-    codes = torch.bucketize(scaled, mids).to(torch.uint8).view(-1)  # (nb * bs,) in 0..15
+    # int32 codes, not bucketize's default int64: a layer loaded from a file is quantized with the least scratch
+    codes = torch.bucketize(scaled, mids, out_int32=True).to(torch.uint8).view(-1)  # (nb * bs,) in 0..15
     return (codes[0::2] << 4) | codes[1::2], absmax
 
 
@@ -91,7 +92,7 @@ def double_quantize(absmax, block=DQ_BLOCK):
     centred = F.pad(absmax - offset, (0, -absmax.numel() % block)).view(-1, block)  # (nb2, block)
     scale = centred.abs().amax(1) / 127  # (nb2,)
     q = torch.round(centred / scale.clamp(min=torch.finfo(torch.float32).tiny)[:, None]).to(torch.int8)
-    return q.view(-1)[:absmax.numel()], scale, offset
+    return q.view(-1)[:absmax.numel()].clone(), scale, offset  # a tensor of its own, not a view of the padding
 
 
 def double_dequantize(q, scale, offset, block=DQ_BLOCK):
@@ -191,16 +192,35 @@ class QuantizedLinear(nn.Module):
         if layer.bias is not None:
             q.bias = nn.Parameter(layer.bias.detach(), requires_grad=False)
         if w.is_meta:
-            return q  # shapes only (the memory planner)
-        if method == "int8":
-            q.weight_int8, q.weight_scale = int8_quantize(w)
-        else:
-            q.weight_nf4, absmax = nf4_quantize(w, block_size)
-            if double_quant:
-                q.absmax_q, q.absmax_scale, q.absmax_offset = double_quantize(absmax)
-            else:
-                q.absmax = absmax
+            return q  # shapes only (the memory planner, or from_pretrained(quantize=...) before it loads)
+        for name, t in q._encode(w).items():
+            setattr(q, name, t)
         return q
+
+    def _encode(self, w):
+        """{buffer name: tensor}: float weight w (out, in) in this layer's format."""
+        if self.method == "int8":
+            return dict(zip(("weight_int8", "weight_scale"), int8_quantize(w)))
+        codes, absmax = nf4_quantize(w, self.block_size)
+        if not self.double_quant:
+            return dict(weight_nf4=codes, absmax=absmax)
+        return dict(weight_nf4=codes, **dict(zip(("absmax_q", "absmax_scale", "absmax_offset"), double_quantize(absmax))))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A float `weight` (GPT.from_pretrained(quantize=...) passes the file's) is quantized here, as this
+        # layer loads: the model is read one layer at a time and a float copy of it never exists.
+        # (load_state_dict hands each module its own copy of the dict, so replacing entries is safe.)
+        weight = state_dict.pop(prefix + "weight", None)
+        if weight is not None:
+            if tuple(weight.shape) != (self.out_features, self.in_features):
+                error_msgs.append(f"size mismatch for {prefix}weight: copying a param with shape "
+                                  f"{tuple(weight.shape)}, the layer is {(self.out_features, self.in_features)}")
+                return
+            self.dtype = weight.dtype
+            state_dict.update({prefix + k: t for k, t in self._encode(weight).items()})
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     @property
     def device(self):

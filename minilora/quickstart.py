@@ -95,6 +95,9 @@ class Args:
                                "with --lora_r 0")
     quantize: str | None = opt(None, "fine-tune on a base quantized to nf4 (QLoRA) or int8; its figures go to "
                                      "results_lora-nf4.json and a row of the comparison table", choices=["nf4", "int8"])
+    dtype: str = opt("fp32", "training precision of every stage: fp32 (its published figures; these 128-wide matmuls "
+                             "measured 0.93-1.11x as fast in bf16 on AMX), bf16, or auto (train.py's: measured "
+                             "here, so a run may differ from the next)", choices=["fp32", "bf16", "auto"])
     arch: str = opt("gpt2", "base architecture: gpt2 (learned positions, LayerNorm, GELU) or llama (rotary "
                             "positions, RMSNorm, SwiGLU, grouped-query attention); llama defaults to "
                             "--model small-llama and --out_dir out/quickstart-llama")
@@ -184,7 +187,7 @@ def pretrain_config(args, paths):
                        warmup_iters=min(50, args.pretrain_iters // 10), weight_decay=0.1, beta2=0.95,
                        eval_interval=max(1, args.pretrain_iters // n_eval), eval_iters=10,
                        log_interval=max(1, args.pretrain_iters // 20), checkpoint_interval=max(1, args.pretrain_iters // 10),
-                       seed=args.seed, resume=True)
+                       seed=args.seed, resume=True, dtype=args.dtype)
 
 
 def pretrain(cfg):
@@ -255,7 +258,8 @@ def finetune(args, task, paths):
                       val_data=paths[task + "_val"], out_dir=run_dir, max_iters=steps,
                       batch_size=args.batch_size or TASK_SETTINGS[task]["batch_size"], learning_rate=lr,
                       warmup_iters=min(20, steps // 10), eval_interval=0, eval_iters=4, log_interval=max(1, steps // 10),
-                      checkpoint_interval=steps, eval_examples=0, seed=args.seed, quantize=args.quantize)
+                      checkpoint_interval=steps, eval_examples=0, seed=args.seed, quantize=args.quantize,
+                      dtype=args.dtype)
     with start_run(cfg) as run:  # train.py's pipeline; accuracy is scored before and after, not during
         model, dataset, rt = run.model, run.dataset, run.rt
         trainable, total = print_trainable_parameters(model)
@@ -394,7 +398,8 @@ def main(argv=None):
     tasks = args.tasks or (["sql"] if args.lora_r == 0 else ["sql", "dates"])
     # Its figures must reproduce on a given CPU, and these exact-match scores move with rounding (two runs
     # that timed MKL against oneDNN differently gave sql 100% and 67.5% on one machine): the quickstart's
-    # processes use torch's own MKL unless the environment says otherwise. Its small matmuls gain little.
+    # processes use torch's own MKL unless the environment says otherwise, and fp32 unless --dtype says
+    # otherwise (train.py's --dtype auto is a timing too). Its small matmuls gain little from either.
     os.environ.setdefault(KERNEL_ENV, "mkl")
     out = os.path.abspath(args.out_dir)
     paths = {"base": os.path.join(out, "base"), "runs": os.path.join(out, "runs"),

@@ -45,7 +45,6 @@ from minilora.model import GPT
 from minilora.ops import kernel_summary
 from minilora.params import format_report, parameter_report
 from minilora.progress import Progress, fmt_time, peak_memory_mb
-from minilora.quantize import quantize
 from minilora.runtime import autocast_context, cleanup, resolve_dtype, setup_runtime
 from minilora.tasks import exact_match_accuracy
 from minilora.tokenizer import get_tokenizer
@@ -219,7 +218,8 @@ def build_model(cfg, rt):
     if cfg.lora and cfg.init_from == "scratch":
         raise MiniloraError("LoRA needs a pretrained base, and --init_from scratch has none to save the adapter "
                             "against; pretrain with --lora_r 0 first, then --init_from that out_dir")
-    model, base = load_model(cfg.init_from, preset=cfg.model, dropout=cfg.dropout, trainable=True)
+    # QLoRA: the frozen base in 4 (or 8) bits, quantized layer by layer as it is read; the adapter in fp32
+    model, base = load_model(cfg.init_from, preset=cfg.model, dropout=cfg.dropout, trainable=True, quantize=cfg.quantize)
     adapters = list(getattr(model, "peft_config", {}))
     if cfg.lora and adapters:
         if rt.master:
@@ -232,8 +232,6 @@ def build_model(cfg, rt):
             model = merge_and_unload(model)  # full training continues from base + adapter folded in
         model.requires_grad_(True)
     model.to(device=rt.device, dtype=torch.float32)  # master weights stay fp32; autocast does the rest
-    if cfg.quantize:  # QLoRA: the frozen base in 4 (or 8) bits, the adapter in fp32
-        quantize(model, cfg.quantize)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()

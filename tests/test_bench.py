@@ -85,3 +85,22 @@ def test_bench_without_native_bf16_skips_the_bf16_training_rows_with_the_reason(
             assert r["value"] > 0 and isinstance(r["met"], bool)
     assert proc.stdout.count("(needs the skipped bf16 training rows)") == 3
     assert result["ceilings"]["matmul_bf16_gflops"] > 0  # from the short probe, not the full-size matmul
+
+
+def test_memory_worker_loads_its_base_from_a_file_and_measures_a_step(tmp_path):
+    """bench.py --memory's step worker at a tiny shape, fp32 and NF4 base (read from a checkpoint, as a user
+    loads one): the peak RSS, tokens/s and the planner's estimate come back."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+    from minilora import GPT, GPTConfig
+    torch.manual_seed(0)
+    GPT(GPTConfig.from_name("tiny")).save_pretrained(tmp_path / "base")
+    for quantize in (None, "nf4"):
+        params = dict(shape=["tiny", {}], batch=2, seq=16, quantize=quantize, checkpointing=quantize is None,
+                      dtype="fp32", repeats=1, path=str(tmp_path / "base"))
+        proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--_worker", "memory_step",
+                               "--_params", json.dumps(params)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert r["peak_mb"] >= 0 and r["tokens_per_s"] > 0 and r["plan_mb"] > 0
+        assert r["plan"]["method"] == ("qlora" if quantize else "lora") and (r["plan"]["quantized"] > 0) == bool(quantize)

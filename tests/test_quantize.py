@@ -10,7 +10,7 @@ from minilora import (GPT, GPTConfig, LoraConfig, MiniloraError, QuantizedLinear
                       generate, merge, merge_and_unload, set_adapter)
 from minilora.memory import _build, _saved_activation_bytes, activation_bytes, memory_plan
 from minilora.quantize import (DQ_BLOCK, NF4, double_dequantize, double_quantize, nf4_levels, nf4_quantize,
-                               quantize, quantized_nbytes)
+                               quantize, quantized_layers, quantized_nbytes)
 from scripts import run_script_here
 
 import minilora.quantize as qmod  # the module (its quantize() is not re-exported: `minilora.quantize` stays the module)
@@ -360,3 +360,76 @@ def test_serve_on_a_quantized_base_answers_as_generate_does(tmp_path):
     finally:
         proc.kill()
         proc.communicate(timeout=30)
+
+
+HF = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
+
+
+@pytest.mark.parametrize("source", ["gpt2", "opt", "llama", "qwen2"])  # llama: a sharded checkpoint
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_from_pretrained_quantizes_each_layer_as_it_loads(source, method, tmp_path):
+    """GPT.from_pretrained(d, quantize=...) holds exactly what quantizing the float model would, and keeps no
+    view of the file (its memory map is released: every tensor owns its own storage)."""
+    if source == "gpt2":  # GPT-2's file layout: fused c_attn and transposed Conv1D weights
+        torch.manual_seed(0)
+        GPT(GPTConfig.from_name("tiny")).save_pretrained(tmp_path / "gpt2")
+        d = str(tmp_path / "gpt2")
+    else:
+        d = os.path.join(HF, source, "model")
+    loaded = GPT.from_pretrained(d, quantize=method)
+    reference = quantize(GPT.from_pretrained(d), method)
+    got, want = loaded.state_dict(), reference.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert [q.dtype for _, q in quantized_layers(loaded)] == [torch.float32] * len(quantized_layers(reference))
+    for t in [*loaded.parameters(), *loaded.buffers()]:
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    x = torch.randint(0, loaded.config.vocab_size, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, all_logits=True)[0], reference(x, all_logits=True)[0], atol=0, rtol=0)
+
+
+def test_from_pretrained_quantizes_a_bf16_file_and_keeps_its_dtype_with_auto(tmp_path):
+    torch.manual_seed(0)
+    GPT(GPTConfig.from_name("tiny-llama")).to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    loaded = GPT.from_pretrained(tmp_path / "m", dtype="auto", quantize="nf4")
+    reference = quantize(GPT.from_pretrained(tmp_path / "m", dtype="auto"), "nf4")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), reference.state_dict().values()))
+    assert {q.dtype for _, q in quantized_layers(loaded)} == {torch.bfloat16} == {loaded.lm_head.weight.dtype}
+
+
+def test_quantized_load_never_holds_the_float_model(tmp_path):
+    """Anonymous memory while from_pretrained(quantize="nf4") reads a 170 MB fp32 GPT-2 file, in a fresh process,
+    sampled before and after each layer is quantized: it grows by the codes and one layer's scratch (~30 MB here),
+    never by the float model (the file's pages are clean page cache, not counted)."""
+    import subprocess
+    import sys
+    import textwrap
+    torch.manual_seed(0)
+    config = GPTConfig.from_name("tiny", n_layer=6, n_embd=768, n_head=12)  # 42M weights
+    GPT(config).save_pretrained(tmp_path / "m")  # GPT-2's layout: each Conv1D weight is transposed as it loads
+    GPT(GPTConfig.from_name("tiny")).save_pretrained(tmp_path / "tiny")
+    probe = textwrap.dedent("""
+        import sys
+        from minilora import GPT
+        import minilora.quantize as q
+
+        def anon():
+            return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("RssAnon:"))
+
+        GPT.from_pretrained(sys.argv[2], quantize="nf4")  # a first (tiny) load: torch's one-time ~70 MB
+        samples, encode = [anon()], q.QuantizedLinear._encode
+
+        def watched(self, w):
+            out = encode(self, w)
+            samples.append(anon())
+            return out
+
+        q.QuantizedLinear._encode = watched
+        GPT.from_pretrained(sys.argv[1], quantize="nf4")
+        print(max(samples) - samples[0], len(samples))
+    """)
+    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "m"), str(tmp_path / "tiny")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    growth_kb, layers = map(int, out.stdout.split())
+    fp32_kb = sum(p.numel() for p in GPT(config).parameters()) * 4 / 1024
+    assert layers == 1 + 6 * 6 and growth_kb < 0.5 * fp32_kb, (growth_kb, fp32_kb)

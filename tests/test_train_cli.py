@@ -149,10 +149,17 @@ def test_sigkill_mid_run_leaves_a_resumable_checkpoint(tmp_path, text_file):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path, text_file):
+@pytest.mark.parametrize("setup", ["full", "qlora+checkpointing"])
+def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path, text_file, base_dir, setup):
+    """...also with gradient checkpointing under DDP (recomputed blocks inside DDP's backward), on an NF4 base
+    with LoRA: the one process runs without checkpointing, so the recomputation is checked too."""
     common = dict(init_from="scratch", model="tiny", lora_r=0, data=text_file, block_size=16, max_iters=4,
                   grad_accum=2, eval_interval=2, eval_iters=2, eval_examples=0, device="cpu", dtype="fp32", seed=5)
-    ddp = TrainConfig(**common, batch_size=2, out_dir=str(tmp_path / "ddp"))
+    ddp_only = {}
+    if setup != "full":
+        common.update(init_from=base_dir, lora_r=4, quantize="nf4")
+        ddp_only = dict(gradient_checkpointing=True)
+    ddp = TrainConfig(**common, **ddp_only, batch_size=2, out_dir=str(tmp_path / "ddp"))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            TRAIN_PY, *args_for(ddp)], capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -167,8 +174,9 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path,
     for r, s in zip(ddp_log, single_log):
         key = "loss" if "loss" in r else "val_loss"
         assert r[key] == pytest.approx(s[key], abs=1e-5)
-    a = load_file(os.path.join(tmp_path, "ddp", "model.safetensors"))
-    b = load_file(os.path.join(tmp_path, "single", "model.safetensors"))
+    weights = "model.safetensors" if setup == "full" else "adapter_model.safetensors"
+    a, b = (load_file(os.path.join(tmp_path, run, weights)) for run in ("ddp", "single"))
+    assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)
     assert not any(name.startswith(".") and name != ".cache" for name in os.listdir(tmp_path / "ddp"))

@@ -59,12 +59,14 @@ class LinearCrossEntropy(torch.autograd.Function):
         valid = targets != -100
         count = valid.sum().clamp(min=1)
         need_dx, need_dw = ctx.needs_input_grad[:2]
+        # first (once per process, on the first step): the timing's (chunk, V) temporaries are gone before the
+        # chunk's own buffers exist, so they do not add up at the step's peak
+        kernels = fp32_kernels(x[:chunk], w, bias, products=PRODUCTS[:2]) if fp32 else {}  # dW: addmm_, below
         dx = torch.empty_like(x) if need_dx else None
         dw = torch.zeros(w.shape, dtype=torch.float32, device=dev) if need_dw else None
         logits = torch.empty(chunk, w.shape[0], dtype=dtype, device=dev)  # the chunk's buffers
         probs = logits if fp32 else torch.empty(logits.shape, dtype=torch.float32, device=dev)
         dw_chunk = torch.empty(w.shape, dtype=dtype, device=dev) if need_dw and not fp32 else None
-        kernels = fp32_kernels(x[:chunk], w, bias, products=PRODUCTS[:2]) if fp32 else {}  # dW: addmm_, below
         # dx = grad @ w is a linear() over w.T; oneDNN would reorder a strided w.T at every chunk
         w_t = w.t().contiguous() if need_dx and kernels.get("input_grad") == "onednn" else w.t()
         loss = torch.zeros((), dtype=torch.float32, device=dev)
@@ -186,15 +188,21 @@ def fp32_kernels(x, weight, bias=None, products=None):
     if any((p, key) not in _choices for p in products):
         with torch.no_grad():
             x2 = x.detach().reshape(-1, x.shape[-1])[:1024]  # (M, K)
-            w = weight.detach()  # (N, K)
-            # (M, N): any values, only the time matters; from a generator of its own, as drawing from the global
-            # one would change every later dropout mask (and break --resume's exactness)
-            g = torch.randn(x2.shape[0], w.shape[0], generator=torch.Generator().manual_seed(0))
-            operands = {"forward": (x2, w, None if bias is None else bias.detach()),
-                        "input_grad": (g, w.t()), "weight_grad": (g.t(), x2.t())}
+            # (N, K), at most 8192 output rows: the head's 50k would make oneDNN reorder (copy) all of it, a
+            # one-off spike of the head's size at the first step, for a choice its first rows decide as well
+            w = weight.detach()[:8192]
+            bias = None if bias is None else bias[:8192]
+            g = None  # made only if a gradient product is timed (the head's is (M, 50k): 26 MB at 128 rows)
             for p in products:
-                if (p, key) not in _choices:
-                    _choices[p, key] = _choose(p, operands[p], 2 * x2.shape[0] * w.shape[0] * w.shape[1])
+                if (p, key) in _choices:
+                    continue
+                if p != "forward" and g is None:
+                    # (M, N): any values, only the time matters; from a generator of its own, as drawing from the
+                    # global one would change every later dropout mask (and break --resume's exactness)
+                    g = torch.randn(x2.shape[0], w.shape[0], generator=torch.Generator().manual_seed(0))
+                operands = {"forward": (x2, w, None if bias is None else bias.detach()),
+                            "input_grad": (g, w.t()), "weight_grad": (None if g is None else g.t(), x2.t())}[p]
+                _choices[p, key] = _choose(p, operands, 2 * x2.shape[0] * w.shape[0] * w.shape[1])
     return {p: _choices[p, key]["kernel"] for p in products}
 
 

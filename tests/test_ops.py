@@ -98,6 +98,25 @@ def test_each_product_takes_the_library_measured_faster(monkeypatch, times, expe
     assert f"oneDNN for {3 if expected == 'onednn' else 0}, MKL for" in ops.kernel_summary()
 
 
+@needs_onednn
+def test_the_timing_probe_stays_small_for_a_wide_head(monkeypatch):
+    """The head's 50k rows are timed on their first 8192 (oneDNN would otherwise reorder a copy of the whole
+    head at the first step), the input gradient's random operand is made only when it is timed, and the
+    choice is kept under the full weight's shape."""
+    shapes = []
+
+    def choose(product, operands, flops):
+        shapes.append((product, [tuple(t.shape) for t in operands if t is not None]))
+        return dict(kernel="mkl", reason="test")
+    monkeypatch.setattr(ops, "_choose", choose)
+    head = torch.randn(50000, 16)
+    assert fp32_kernels(torch.randn(128, 16), head, products=("forward",)) == {"forward": "mkl"}
+    assert shapes == [("forward", [(128, 16), (8192, 16)])]
+    fp32_kernels(torch.randn(128, 16), head, products=ops.PRODUCTS[:2])
+    assert shapes[1] == ("input_grad", [(128, 8192), (16, 8192)])
+    assert set(ops._choices) == {("forward", (50000, 16)), ("input_grad", (50000, 16))}
+
+
 def test_small_products_are_not_timed_and_keep_torchs_kernel(monkeypatch):
     monkeypatch.setattr(ops, "_seconds", lambda fn, repeats=2: pytest.fail("timed a tiny product"))
     assert set(fp32_kernels(torch.randn(4, 16), torch.randn(8, 16)).values()) == {"mkl"}

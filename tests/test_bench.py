@@ -95,12 +95,10 @@ def test_memory_worker_loads_its_base_from_a_file_and_measures_a_step(tmp_path):
     from minilora import GPT, GPTConfig
     torch.manual_seed(0)
     GPT(GPTConfig.from_name("tiny")).save_pretrained(tmp_path / "base")
+    import bench
     for quantize in (None, "nf4"):
         params = dict(shape=["tiny", {}], batch=2, seq=16, quantize=quantize, checkpointing=quantize is None,
-                      dtype="fp32", repeats=1, path=str(tmp_path / "base"))
-        proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--_worker", "memory_step",
-                               "--_params", json.dumps(params)], cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
+                      dtype="fp32", repeats=1, path=str(tmp_path / "base"), env={"MALLOC_MMAP_THRESHOLD_": "4194304"})
+        r = bench.run_worker("memory_step", params, f"memory step, {quantize}")  # as bench.py --memory runs it
         assert r["peak_mb"] >= 0 and r["tokens_per_s"] > 0 and r["plan_mb"] > 0
         assert r["plan"]["method"] == ("qlora" if quantize else "lora") and (r["plan"]["quantized"] > 0) == bool(quantize)

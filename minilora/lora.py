@@ -420,11 +420,16 @@ def merge_and_unload(model, safe_merge=False):
 # ---- trainable-parameter report ------------------------------------------------------------------
 
 def count_parameters(model):
-    """(trainable, total); works on the meta device, tied weights counted once (parameters() deduplicates)."""
+    """(trainable, total); works on the meta device, tied weights counted once (parameters() deduplicates).
+
+    A quantized layer's weight counts as its in x out weights (frozen), though stored as packed buffers:
+    QLoRA's trainable% is of the model's weights, as PEFT reports it for a 4-bit base.
+    """
     trainable = total = 0
     for p in model.parameters():
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
+    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
     return trainable, total
 
 

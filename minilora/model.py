@@ -367,7 +367,7 @@ class GPT(nn.Module):
 
         dtype: None loads fp32 whatever the file holds; "auto" keeps the file's (bf16 stays bf16); or a dtype.
         quantize: "nf4" or "int8" quantizes each linear as it is read (minilora.quantize; as transformers'
-        BitsAndBytesConfig does), so the float model is never in memory whole: a 7B base loads in ~4 GB.
+        BitsAndBytesConfig does), so the float model is never in memory whole: a 7B base holds ~4 GB once loaded.
         """
         path = resolve(name_or_dir)
         config = read_config(os.path.join(path, CONFIG_FILE), dropout)

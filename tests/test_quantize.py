@@ -433,3 +433,14 @@ def test_quantized_load_never_holds_the_float_model(tmp_path):
     growth_kb, layers = map(int, out.stdout.split())
     fp32_kb = sum(p.numel() for p in GPT(config).parameters()) * 4 / 1024
     assert layers == 1 + 6 * 6 and growth_kb < 0.5 * fp32_kb, (growth_kb, fp32_kb)
+
+
+def test_parameter_count_of_a_quantized_base_is_its_weights():
+    """print_trainable_parameters on QLoRA: the quantized weights count as weights (PEFT does so for 4-bit),
+    so trainable% is the same as on the float base, not the share of the few float parameters left."""
+    from minilora.lora import count_parameters
+    torch.manual_seed(0)
+    float_model = apply_lora(GPT(GPTConfig.from_name("tiny")), LoraConfig(r=4, target_modules="all-linear"))
+    q = copy.deepcopy(float_model)
+    quantize(q, "nf4")
+    assert count_parameters(q) == count_parameters(float_model)

@@ -155,10 +155,12 @@ def transient_bytes(config, model, dtype, tokens):
         loss = (2 * Vp * E * 4 if padded else 0) + min(tokens, 128) * Vp * 4
     else:
         loss = Vp * E * 2 + min(tokens, 512) * Vp * (2 + 4)
-    # a layer is dequantized in row chunks of at most MAX_CHUNK weights
-    quantized = [min(m.in_features * m.out_features, MAX_CHUNK + m.in_features)
+    # a layer is dequantized in row chunks of at most MAX_CHUNK weights: fp32 levels (+ their bf16 copy), and for
+    # NF4 the int32 index of its packed bytes (2 bytes a weight)
+    per_weight = 4 + (0 if dtype == "fp32" else 2)
+    quantized = [min(m.in_features * m.out_features, MAX_CHUNK + m.in_features) * (per_weight + 2 * (m.method == "nf4"))
                  for m in model.modules() if isinstance(m, QuantizedLinear)]
-    return loss + (max(quantized) * (4 + (0 if dtype == "fp32" else 2)) if quantized else 0)
+    return loss + max(quantized, default=0)
 
 
 def memory_plan(config, method, lora_config, quant="nf4", dtype="fp32", base_dtype="fp32", batch_size=1, seq_len=512,

@@ -271,7 +271,8 @@ class QuantizedLinear(nn.Module):
         b0, b1 = start // bs, -(-end // bs)
         w = _buffer((b1 - b0) * bs, torch.float32, self.device)
         packed = self.weight_nf4[b0 * bs // 2:b1 * bs // 2]  # (bytes,)
-        torch.index_select(_PAIRS.to(self.device), 0, packed.int(), out=w.view(-1, 2))  # a byte -> its two levels
+        index = _buffer(packed.numel(), torch.int32, self.device, slot=2).copy_(packed)  # index_select wants ints
+        torch.index_select(_PAIRS.to(self.device), 0, index, out=w.view(-1, 2))  # a byte -> its two levels
         w.view(-1, bs).mul_(self._absmax(b0, b1)[:, None])  # (blocks, bs) * (blocks, 1)
         w = w[:end - start]
         if dtype != torch.float32:  # levels * absmax in fp32, rounded once to the compute dtype

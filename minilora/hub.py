@@ -169,7 +169,12 @@ def _read_weights(path):
                 if sharded_bin else "")
         raise MiniloraError(f"{path} has no {SAFETENSORS_FILE}, {INDEX_FILE} or {PYTORCH_FILE}{hint}")
     try:  # weights_only: a pickle from the internet may hold tensors, never code
-        tensors = torch.load(pt, map_location="cpu", weights_only=True)
+        try:  # memory-mapped, like safetensors: a quantized load then never holds the float file whole
+            tensors = torch.load(pt, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # the pre-1.6 (non-zip) format cannot be mapped: read it whole
+                raise
+            tensors = torch.load(pt, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
         first_line = (str(e).splitlines() or [""])[0]
         raise MiniloraError(f"cannot read {pt}: {type(e).__name__}: {first_line}") from None

@@ -87,7 +87,8 @@ def model_source(arg, preset="tiny"):
 
 def load_model(arg, *, adapter=None, preset="tiny", seed=None, dropout=None, trainable=False, allow_pickle=False,
                quantize=None, _seen=()):
-    """The model `arg` names (+ the adapter directory `adapter`) -> (GPT in fp32, name of its base).
+    """The model `arg` names (+ the adapter directory `adapter`) -> (GPT in fp32, or with its linears quantized
+    when `quantize` says so, name of its base).
 
     The base name is what an adapter trained on this model records. Random weights are drawn
     from torch's global RNG, or from `seed` without touching it. trainable: a LoRA run's adapter

@@ -69,7 +69,7 @@ def _saved_activation_bytes(model, batch_size, seq_len, dtype):
         with torch.autocast("cpu", torch.bfloat16, enabled=dtype == "bf16"):
             loss = model(x, x, loss_only=True)
     alive = {ptr: nbytes for ref, ptr, nbytes in saved if not ref.expired() and ptr not in own}
-    del loss
+    del loss  # (its graph kept the saved tensors alive until they were counted)
     return sum(alive.values())
 
 

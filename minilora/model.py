@@ -368,6 +368,8 @@ class GPT(nn.Module):
         dtype: None loads fp32 whatever the file holds; "auto" keeps the file's (bf16 stays bf16); or a dtype.
         quantize: "nf4" or "int8" quantizes each linear as it is read (minilora.quantize; as transformers'
         BitsAndBytesConfig does), so the float model is never in memory whole: a 7B base holds ~4 GB once loaded.
+        The codes come from the file's own values (with dtype="bfloat16" on an fp32 file, not from their bf16
+        rounding: one rounding fewer than quantize(GPT.from_pretrained(d, dtype=...)) makes).
         """
         path = resolve(name_or_dir)
         config = read_config(os.path.join(path, CONFIG_FILE), dropout)

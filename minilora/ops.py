@@ -168,6 +168,7 @@ def _seconds(fn, repeats=2):
 
 
 def _choose(product, operands, flops):
+    """operands() -> the tensors to time, called only when the product is timed."""
     forced = os.environ.get(KERNEL_ENV, "")
     if forced:
         if forced not in ("mkl", "onednn"):
@@ -175,7 +176,8 @@ def _choose(product, operands, flops):
         return dict(kernel=forced if _ONEDNN_LINEAR else "mkl", reason=f"{KERNEL_ENV}={forced}")
     if not _ONEDNN_LINEAR or flops < MIN_TIMED_FLOPS:
         return dict(kernel="mkl", reason="not timed: too small" if _ONEDNN_LINEAR else "no oneDNN in this torch")
-    t = {k: _seconds(lambda: kernel_linear(k, *operands)) for k in ("mkl", "onednn")}
+    args = operands()
+    t = {k: _seconds(lambda: kernel_linear(k, *args)) for k in ("mkl", "onednn")}
     return dict(kernel="onednn" if t["onednn"] * MARGIN < t["mkl"] else "mkl", mkl_s=t["mkl"], onednn_s=t["onednn"],
                 reason=f"measured: oneDNN {t['mkl'] / t['onednn']:.2f}x MKL's speed")
 
@@ -188,21 +190,23 @@ def fp32_kernels(x, weight, bias=None, products=None):
     if any((p, key) not in _choices for p in products):
         with torch.no_grad():
             x2 = x.detach().reshape(-1, x.shape[-1])[:1024]  # (M, K)
-            # (N, K), at most 8192 output rows: the head's 50k would make oneDNN reorder (copy) all of it, a
-            # one-off spike of the head's size at the first step, for a choice its first rows decide as well
+            flops = 2 * x2.shape[0] * weight.shape[0] * weight.shape[1]  # the product's own size decides if it is timed
+            # (N, K), timed on at most 8192 output rows: the head's 50k would make oneDNN reorder (copy) all of it,
+            # a one-off spike of the head's size at the first step, for a choice its first rows decide as well
             w = weight.detach()[:8192]
-            bias = None if bias is None else bias[:8192]
-            g = None  # made only if a gradient product is timed (the head's is (M, 50k): 26 MB at 128 rows)
+            b = None if bias is None else bias.detach()[:8192]
+            g = []  # the gradient operand, made once and only if a gradient product is timed (the head's: 26 MB)
+
+            def grad():
+                if not g:  # (M, N): any values, only the time matters; from a generator of its own, as drawing
+                    # from the global one would change every later dropout mask (and break --resume's exactness)
+                    g.append(torch.randn(x2.shape[0], w.shape[0], generator=torch.Generator().manual_seed(0)))
+                return g[0]
+            operands = {"forward": lambda: (x2, w, b), "input_grad": lambda: (grad(), w.t()),
+                        "weight_grad": lambda: (grad().t(), x2.t())}
             for p in products:
-                if (p, key) in _choices:
-                    continue
-                if p != "forward" and g is None:
-                    # (M, N): any values, only the time matters; from a generator of its own, as drawing from the
-                    # global one would change every later dropout mask (and break --resume's exactness)
-                    g = torch.randn(x2.shape[0], w.shape[0], generator=torch.Generator().manual_seed(0))
-                operands = {"forward": (x2, w, None if bias is None else bias.detach()),
-                            "input_grad": (g, w.t()), "weight_grad": (None if g is None else g.t(), x2.t())}[p]
-                _choices[p, key] = _choose(p, operands, 2 * x2.shape[0] * w.shape[0] * w.shape[1])
+                if (p, key) not in _choices:
+                    _choices[p, key] = _choose(p, operands[p], flops)
     return {p: _choices[p, key]["kernel"] for p in products}
 
 

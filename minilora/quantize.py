@@ -70,9 +70,14 @@ _PAIRS = torch.stack([NF4[torch.arange(256) >> 4], NF4[torch.arange(256) & 15]],
 
 
 def _blocks(w, block_size):
-    """w flattened, zero-padded to whole blocks: (n_blocks, block_size) in fp32."""
-    flat = w.detach().reshape(-1).float()
-    return F.pad(flat, (0, -flat.numel() % block_size)).view(-1, block_size)  # a new tensor even with no padding
+    """A new fp32 tensor of w's values, row-major, zero-padded to whole blocks: (n_blocks, block_size).
+
+    One copy, whatever w's layout (a transposed view of a file, another dtype): nf4_quantize scales it in place."""
+    n = w.numel()
+    out = torch.empty(n + (-n % block_size), dtype=torch.float32, device=w.device)
+    out[:n].view(w.shape).copy_(w.detach())
+    out[n:] = 0
+    return out.view(-1, block_size)
 
 
 def nf4_quantize(w, block_size=64):
@@ -157,7 +162,8 @@ class QuantizedLinear(nn.Module):
     or, with double quantization, `absmax_q` (int8), `absmax_scale` (fp32), `absmax_offset` (fp32);
     int8: `weight_int8` (out, in) and `weight_scale` (out,). The bias, if any, stays a float Parameter.
     `dtype` is the float type dequantize() returns by default (the weight's before quantization);
-    model.to(dtype) changes it but never casts the stored scales.
+    model.to(dtype) changes it but never casts the stored scales. load_state_dict also takes a float
+    `weight` in place of the buffers and quantizes it (GPT.from_pretrained(quantize=...) loads that way).
     """
 
     def __init__(self, in_features, out_features, bias=True, method="nf4", double_quant=True, block_size=64,

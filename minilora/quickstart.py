@@ -96,7 +96,7 @@ class Args:
     quantize: str | None = opt(None, "fine-tune on a base quantized to nf4 (QLoRA) or int8; its figures go to "
                                      "results_lora-nf4.json and a row of the comparison table", choices=["nf4", "int8"])
     dtype: str = opt("fp32", "training precision of every stage: fp32 (its published figures; these 128-wide matmuls "
-                             "measured 0.93-1.11x as fast in bf16 on AMX), bf16, or auto (train.py's: measured "
+                             "measured 0.91-1.11x as fast in bf16 on AMX), bf16, or auto (train.py's: measured "
                              "here, so a run may differ from the next)", choices=["fp32", "bf16", "auto"])
     arch: str = opt("gpt2", "base architecture: gpt2 (learned positions, LayerNorm, GELU) or llama (rotary "
                             "positions, RMSNorm, SwiGLU, grouped-query attention); llama defaults to "

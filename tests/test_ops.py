@@ -101,20 +101,31 @@ def test_each_product_takes_the_library_measured_faster(monkeypatch, times, expe
 @needs_onednn
 def test_the_timing_probe_stays_small_for_a_wide_head(monkeypatch):
     """The head's 50k rows are timed on their first 8192 (oneDNN would otherwise reorder a copy of the whole
-    head at the first step), the input gradient's random operand is made only when it is timed, and the
-    choice is kept under the full weight's shape."""
-    shapes = []
+    head at the first step), whether to time is decided by the whole product's size, operands are made only
+    for a product that is timed, and the choice is kept under the full weight's shape."""
+    shapes, flops_seen = [], []
 
     def choose(product, operands, flops):
-        shapes.append((product, [tuple(t.shape) for t in operands if t is not None]))
+        flops_seen.append(flops)
+        shapes.append((product, [tuple(t.shape) for t in operands() if t is not None]))
         return dict(kernel="mkl", reason="test")
     monkeypatch.setattr(ops, "_choose", choose)
     head = torch.randn(50000, 16)
     assert fp32_kernels(torch.randn(128, 16), head, products=("forward",)) == {"forward": "mkl"}
-    assert shapes == [("forward", [(128, 16), (8192, 16)])]
+    assert shapes == [("forward", [(128, 16), (8192, 16)])] and flops_seen == [2 * 128 * 50000 * 16]
     fp32_kernels(torch.randn(128, 16), head, products=ops.PRODUCTS[:2])
     assert shapes[1] == ("input_grad", [(128, 8192), (16, 8192)])
     assert set(ops._choices) == {("forward", (50000, 16)), ("input_grad", (50000, 16))}
+
+
+def test_untimed_products_build_no_operands(monkeypatch):
+    """Forced by the environment, or too small to time: the probe's random gradient is never drawn."""
+    monkeypatch.setattr(ops.torch, "randn", lambda *a, **k: pytest.fail("built a timing operand"))
+    monkeypatch.setenv(KERNEL_ENV, "mkl")
+    w = torch.ones(9000, 512, requires_grad=True)
+    assert set(fp32_kernels(torch.ones(1024, 512), w).values()) == {"mkl"}
+    monkeypatch.delenv(KERNEL_ENV)
+    assert set(fp32_kernels(torch.ones(2, 8), torch.ones(4, 8, requires_grad=True)).values()) == {"mkl"}
 
 
 def test_small_products_are_not_timed_and_keep_torchs_kernel(monkeypatch):

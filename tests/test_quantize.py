@@ -365,15 +365,20 @@ def test_serve_on_a_quantized_base_answers_as_generate_does(tmp_path):
 HF = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 
 
-@pytest.mark.parametrize("source", ["gpt2", "opt", "llama", "qwen2"])  # llama: a sharded checkpoint
+@pytest.mark.parametrize("source", ["gpt2", "gpt2-bin", "opt", "llama", "qwen2"])  # llama: a sharded checkpoint
 @pytest.mark.parametrize("method", ["nf4", "int8"])
 def test_from_pretrained_quantizes_each_layer_as_it_loads(source, method, tmp_path):
     """GPT.from_pretrained(d, quantize=...) holds exactly what quantizing the float model would, and keeps no
     view of the file (its memory map is released: every tensor owns its own storage)."""
-    if source == "gpt2":  # GPT-2's file layout: fused c_attn and transposed Conv1D weights
+    if source.startswith("gpt2"):  # GPT-2's file layout: fused c_attn and transposed Conv1D weights
         torch.manual_seed(0)
-        GPT(GPTConfig.from_name("tiny")).save_pretrained(tmp_path / "gpt2")
-        d = str(tmp_path / "gpt2")
+        d = tmp_path / "gpt2"
+        GPT(GPTConfig.from_name("tiny")).save_pretrained(d)
+        if source == "gpt2-bin":  # the same tensors as a pytorch_model.bin (memory-mapped by torch.load)
+            from minilora.safetensors import load_file
+            torch.save(load_file(str(d / "model.safetensors")), d / "pytorch_model.bin")
+            os.remove(d / "model.safetensors")
+        d = str(d)
     else:
         d = os.path.join(HF, source, "model")
     loaded = GPT.from_pretrained(d, quantize=method)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from minilora.checkpoint import seed_everything
 from minilora.errors import MiniloraError
-from minilora.ops import matmul_speedup
+from minilora.ops import MIN_TIMED_FLOPS, matmul_speedup
 
 
 @dataclass
@@ -55,7 +55,6 @@ def pick_device(name="auto"):
 # norms and the optimizer do not speed up; a 128-wide model stepped 0.7-0.8x as fast in bf16).
 BF16_MIN_SPEEDUP = 1.2
 BF16_PROBE = (512, 512, 512)  # a matmul that tells whether a CPU has bf16 instructions at all
-MIN_TIMED_FLOPS = 2 ** 26  # a widest matmul under this is well under a millisecond: bf16 cannot pay
 
 
 def resolve_dtype(dtype, device_type, widest_matmul=None, step_speedup=None):
@@ -77,7 +76,7 @@ def resolve_dtype(dtype, device_type, widest_matmul=None, step_speedup=None):
                           "the faster one", stacklevel=2)
         return "bf16", "as asked"
     m, k, n = widest_matmul or BF16_PROBE
-    if 2 * m * k * n < MIN_TIMED_FLOPS or step_speedup is None:
+    if 2 * m * k * n < MIN_TIMED_FLOPS or step_speedup is None:  # ops.py's bar: too short for bf16 to pay
         return "fp32", f"auto: the model's widest matmul ({m}x{k}x{n}) is too small for bf16 to pay"
     matmul = matmul_speedup(torch.bfloat16, *BF16_PROBE)
     if matmul < 1:  # emulated bf16: no need to time the model

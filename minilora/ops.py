@@ -27,10 +27,12 @@ class LinearCrossEntropy(torch.autograd.Function):
     their gradient for every token (3 x 412 MB at gpt2 8x256): -1.2 GB peak RSS there.
     Reusing the buffers matters for speed too: a fresh 100 MB tensor per chunk costs ~25k page
     faults on the CPU, which made the head + loss ~40% slower in bf16 (measured on the bench machine).
-    With many rows the vocabulary is padded to a multiple of 64 (MKL's fp32 GEMM ran ~45% faster at
-    50304 columns than at 50257 there); the padded columns get -inf logits, so no probability and
-    no gradient. That copy of the head (and, in fp32, its transpose) costs 2 x 154 MB at gpt2 and
-    is only worth it over many chunks, so fewer than PAD_MIN_ROWS rows use the weight as it is.
+    With many rows and MKL's forward the vocabulary is padded to a multiple of 64 (MKL's fp32 GEMM ran
+    ~45% faster at 50304 columns than at 50257 on a Zen 4); the padded columns get -inf logits, so no
+    probability and no gradient. That copy of the head costs 154 MB at gpt2 and is only worth it over
+    many chunks, so fewer than PAD_MIN_ROWS rows use the weight as it is. oneDNN ran as fast unpadded
+    and gets the weight itself (on a Zen 5 the padded copy and a transposed one for the input
+    gradient cost 300 MB of the LoRA step's peak and ~7% of the head's time).
     fp32 products run on the library fp32_kernels() measured faster here; the weight gradient stays
     MKL's addmm_, which accumulates in place (oneDNN would write each chunk's (V, C) product anew).
     Ignored targets (-100) get zero loss and zero gradient.
@@ -45,7 +47,11 @@ class LinearCrossEntropy(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x.dtype
         fp32 = dtype == torch.float32
         chunk = min(N, chunk or (128 if fp32 else 512))  # the faster size for each on the bench machine
-        pad = -V % 64 if N >= LinearCrossEntropy.PAD_MIN_ROWS else 0
+        # first (once per process, on the first step): the timing's (chunk, V) temporaries are gone before the
+        # chunk's own buffers exist, so they do not add up at the step's peak
+        kernels = fp32_kernels(x[:chunk], weight.detach(), products=PRODUCTS[:2]) if fp32 else {}  # dW: addmm_
+        # padding is for MKL's forward; oneDNN's ran as fast at 50257 rows as at 50304 (AMD Zen 5)
+        pad = -V % 64 if N >= LinearCrossEntropy.PAD_MIN_ROWS and kernels.get("forward") != "onednn" else 0
         if pad or weight.dtype != dtype:
             w = torch.empty(V + pad, C, dtype=dtype, device=dev)  # (Vp, C), zero rows appended
             w[:V] = weight.detach()
@@ -59,16 +65,14 @@ class LinearCrossEntropy(torch.autograd.Function):
         valid = targets != -100
         count = valid.sum().clamp(min=1)
         need_dx, need_dw = ctx.needs_input_grad[:2]
-        # first (once per process, on the first step): the timing's (chunk, V) temporaries are gone before the
-        # chunk's own buffers exist, so they do not add up at the step's peak
-        kernels = fp32_kernels(x[:chunk], w, bias, products=PRODUCTS[:2]) if fp32 else {}  # dW: addmm_, below
         dx = torch.empty_like(x) if need_dx else None
         dw = torch.zeros(w.shape, dtype=torch.float32, device=dev) if need_dw else None
         logits = torch.empty(chunk, w.shape[0], dtype=dtype, device=dev)  # the chunk's buffers
         probs = logits if fp32 else torch.empty(logits.shape, dtype=torch.float32, device=dev)
         dw_chunk = torch.empty(w.shape, dtype=dtype, device=dev) if need_dw and not fp32 else None
-        # dx = grad @ w is a linear() over w.T; oneDNN would reorder a strided w.T at every chunk
-        w_t = w.t().contiguous() if need_dx and kernels.get("input_grad") == "onednn" else w.t()
+        # dx = grad @ w is a linear() over the strided view w.T, as fp32_kernels timed it: oneDNN reorders it at
+        # every chunk (+5 ms of 33 at gpt2, Zen 5), a contiguous copy per step cost more (42-245 ms, 154 MB)
+        w_t = w.t()
         loss = torch.zeros((), dtype=torch.float32, device=dev)
         for i in range(0, N, chunk):
             n = min(chunk, N - i)

@@ -160,9 +160,13 @@ def test_linear_module_uses_the_chosen_kernel_only_with_autograd(monkeypatch):
 @pytest.mark.parametrize("pad", [False, True])
 @pytest.mark.parametrize("train_head", [False, True])
 def test_head_and_loss_match_cross_entropy_on_either_library(monkeypatch, kernel, pad, train_head):
-    """The chunked head + loss: fp32 products on either library, the vocabulary padded (many rows) or not."""
+    """The chunked head + loss: fp32 products on either library, the vocabulary padded (many rows, MKL's
+    forward) or not. oneDNN gets the head's weight as it is: no padded copy, no transposed copy."""
     monkeypatch.setenv(KERNEL_ENV, kernel)
     monkeypatch.setattr(LinearCrossEntropy, "PAD_MIN_ROWS", 1 if pad else 10 ** 9)
+    onednn_weights = []
+    onednn = ops._onednn_linear
+    monkeypatch.setattr(ops, "_onednn_linear", lambda a, b, *rest: onednn_weights.append(b) or onednn(a, b, *rest))
     torch.manual_seed(0)
     x = torch.randn(50, 24, requires_grad=True)
     w = (torch.randn(100, 24) * 0.3).requires_grad_(train_head)  # 100 rows: 128 when padded
@@ -178,6 +182,8 @@ def test_head_and_loss_match_cross_entropy_on_either_library(monkeypatch, kernel
         assert (got is None) == (ref is None)
         if ref is not None:
             torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+    if kernel == "onednn" and ops._ONEDNN_LINEAR:  # forward: w itself; input gradient: a view of it
+        assert onednn_weights and all(b.data_ptr() == w.data_ptr() for b in onednn_weights)
 
 
 # ---- dtype by measurement ---------------------------------------------------------------------------

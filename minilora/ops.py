@@ -197,8 +197,8 @@ def fp32_kernels(x, weight, bias=None, products=None):
             flops = 2 * x2.shape[0] * weight.shape[0] * weight.shape[1]  # the product's own size decides if it is timed
             # (N, K), timed on at most 8192 output rows: the head's 50k would make oneDNN reorder (copy) all of it,
             # a one-off spike of the head's size at the first step, for a choice its first rows decide as well
-            w = weight.detach()[:8192]
-            b = None if bias is None else bias.detach()[:8192]
+            w = weight.detach()[:8192].to(x2.dtype)  # the head's weight may be stored in another dtype
+            b = None if bias is None else bias.detach()[:8192].to(x2.dtype)
             g = []  # the gradient operand, made once and only if a gradient product is timed (the head's: 26 MB)
 
             def grad():

@@ -186,6 +186,21 @@ def test_head_and_loss_match_cross_entropy_on_either_library(monkeypatch, kernel
         assert onednn_weights and all(b.data_ptr() == w.data_ptr() for b in onednn_weights)
 
 
+def test_head_and_loss_in_fp32_over_a_head_stored_in_bf16(monkeypatch):
+    """fp32 activations over a bf16 head: the kernel timing runs on the fp32 copy of its rows (it used to
+    fail on the mixed dtypes), and the result is fp32 cross-entropy over the upcast head."""
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    monkeypatch.setattr(ops, "MIN_TIMED_FLOPS", 0)  # time even this small head
+    monkeypatch.setattr(ops, "_choices", {})
+    torch.manual_seed(0)
+    x = torch.randn(40, 24, requires_grad=True)
+    w = (torch.randn(100, 24) * 0.3).bfloat16()
+    targets = torch.randint(0, 100, (40,))
+    loss = LinearCrossEntropy.apply(x, w, targets, 16)
+    ref = F.cross_entropy(F.linear(x, w.float()), targets)
+    torch.testing.assert_close(loss, ref, rtol=0, atol=1e-5)
+
+
 # ---- dtype by measurement ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("speedup,expected", [(0.75, "fp32"), (1.1, "fp32"), (2.5, "bf16")])

@@ -49,7 +49,7 @@ from minilora.memory import memory_plan
 from minilora.model import GPT
 from minilora.ops import kernel_report, linear
 from minilora.progress import peak_memory_mb
-from minilora.runtime import Runtime
+from minilora.runtime import Runtime, keep_freed_memory
 from minilora.trainer import TrainConfig, configure_optimizer, training_dtype
 from minilora.quantize import NF4, QuantizedLinear, nf4_quantize, quantize
 from minilora.serving_bench import bench_mixed_batch, bench_server
@@ -155,6 +155,8 @@ def worker_ceilings(p):
 
 def worker_train(p):
     """One AdamW training step (forward, backward, step, zero_grad), LoRA or full, fp32 or bf16 autocast."""
+    if not p["lora"]:
+        keep_freed_memory()  # as train.py does for full training
     model = build(p["shape"], p["lora"])
     V, B, T = model.config.vocab_size, p["batch"], p["seq"]
     g = torch.Generator().manual_seed(0)

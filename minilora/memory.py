@@ -145,14 +145,17 @@ def autocast_weight_copies(model, dtype):
                and ".lora_" not in p + ".")
 
 
-def transient_bytes(config, model, dtype, tokens):
-    """The largest short-lived buffers of a step: the chunked loss's logit chunk and head copies
-    (ops.LinearCrossEntropy: padded from PAD_MIN_ROWS tokens on where MKL runs the head's fp32 forward,
-    which this plan assumes; cast to bf16 under autocast), and the dequantization buffer."""
+def transient_bytes(config, model, dtype, tokens, method, gradient_checkpointing):
+    """The largest short-lived buffers of a step: the chunked loss's logit chunk and head copy
+    (ops.LinearCrossEntropy in fp32: padded from PAD_MIN_ROWS tokens on where MKL runs the head's forward;
+    where oneDNN runs it, a frozen float head's layout for the input gradient, kept between steps unless
+    gradient checkpointing is on: one head-sized copy either way. Under autocast the head's bf16 copy),
+    and the dequantization buffer."""
     padded = tokens >= LinearCrossEntropy.PAD_MIN_ROWS
+    kept_layout = method == "lora" and not gradient_checkpointing
     Vp, E = config.vocab_size + (-config.vocab_size % 64 if padded else 0), config.embed_dim
     if dtype == "fp32":
-        loss = (Vp * E * 4 if padded else 0) + min(tokens, 128) * Vp * 4
+        loss = (Vp * E * 4 if padded or kept_layout else 0) + min(tokens, 128) * Vp * 4
     else:
         loss = Vp * E * 2 + min(tokens, 512) * Vp * (2 + 4)
     # a layer is dequantized in row chunks of at most MAX_CHUNK weights: fp32 levels (+ their bf16 copy), and for
@@ -177,7 +180,7 @@ def memory_plan(config, method, lora_config, quant="nf4", dtype="fp32", base_dty
                 activations=int(activation_bytes(config, method, lora_config, quant, dtype, batch_size, seq_len,
                                                  gradient_checkpointing, lora_columns(model))),
                 weight_copies=autocast_weight_copies(model, dtype),
-                transient=transient_bytes(config, model, dtype, batch_size * seq_len))
+                transient=transient_bytes(config, model, dtype, batch_size * seq_len, method, gradient_checkpointing))
     plan["total_bytes"] = sum(plan[k] for k in ("weights", "lora", "grads", "optimizer", "activations", "weight_copies",
                                                    "transient"))
     return plan

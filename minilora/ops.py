@@ -14,6 +14,7 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from minilora.errors import MiniloraError
 
@@ -35,13 +36,15 @@ class LinearCrossEntropy(torch.autograd.Function):
     gradient cost 300 MB of the LoRA step's peak and ~7% of the head's time).
     fp32 products run on the library fp32_kernels() measured faster here; the weight gradient stays
     MKL's addmm_, which accumulates in place (oneDNN would write each chunk's (V, C) product anew).
-    Ignored targets (-100) get zero loss and zero gradient.
+    keep_packed=True lets a frozen head's input gradient run on packed_transpose(): one more copy of
+    the head, kept between steps, for a ~4% faster LoRA step (GPT.forward passes False when the
+    model was set up to save memory). Ignored targets (-100) get zero loss and zero gradient.
     """
 
     PAD_MIN_ROWS = 1024
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk=None):
+    def forward(ctx, x, weight, targets, chunk=None, keep_packed=False):
         # x (N, C), weight (V, C), targets (N,)
         (N, C), V, dev = x.shape, weight.shape[0], x.device
         dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x.dtype
@@ -70,9 +73,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         logits = torch.empty(chunk, w.shape[0], dtype=dtype, device=dev)  # the chunk's buffers
         probs = logits if fp32 else torch.empty(logits.shape, dtype=torch.float32, device=dev)
         dw_chunk = torch.empty(w.shape, dtype=dtype, device=dev) if need_dw and not fp32 else None
-        # dx = grad @ w is a linear() over the strided view w.T, as fp32_kernels timed it: oneDNN reorders it at
-        # every chunk (+5 ms of 33 at gpt2, Zen 5), a contiguous copy per step cost more (42-245 ms, 154 MB)
+        # dx = grad @ w is a linear() over the strided view w.T, as fp32_kernels timed it: oneDNN copies its blocks
+        # at every chunk (+5 ms of 33 at gpt2, Zen 5), a contiguous copy per step cost more (42-245 ms, 154 MB);
+        # a frozen head's transpose can be laid out once for the whole run instead
         w_t = w.t()
+        if (keep_packed and need_dx and fp32 and kernels.get("input_grad") == "onednn" and not weight.requires_grad
+                and not pad and weight.dtype == dtype and _ONEDNN_PACK):  # w is the head itself, not a copy
+            w_t = packed_transpose(weight, chunk)
         loss = torch.zeros((), dtype=torch.float32, device=dev)
         for i in range(0, N, chunk):
             n = min(chunk, N - i)
@@ -106,11 +113,31 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         dx, dw = ctx.saved_tensors
-        return (None if dx is None else dx * grad_loss, None if dw is None else dw * grad_loss, None, None)
+        return (None if dx is None else dx * grad_loss, None if dw is None else dw * grad_loss, None, None, None)
 
 
 # oneDNN's fp32 kernel, where this torch build has it (CPU builds for x86 and arm64 do)
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+_ONEDNN_PACK = _ONEDNN_LINEAR and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+_packed = WeakIdKeyDictionary()  # weight -> ((its data_ptr, its version), its transpose in oneDNN's layout)
+
+
+def packed_transpose(weight, rows):
+    """weight.T in oneDNN's own blocked layout, for the input gradient g @ W of a weight that does not train:
+    made on first use and kept until the weight is changed in place (merge, load_state_dict) or freed.
+
+    On the gpt2 head's 128-row chunks oneDNN ran g @ W at 318-327 GFLOP/s on the strided view W.T and at
+    417-427 on this layout (AMD Zen 5); laying it out costs ~160 ms, more than one step's chunks gain, so
+    it pays only when kept across steps: a frozen weight allows that, for the weight's size in memory.
+    rows: the batch size oneDNN lays it out for (any number of rows can use it)."""
+    key = (weight.data_ptr(), weight._version)
+    entry = _packed.get(weight)
+    if entry is None or entry[0] != key:
+        _packed.pop(weight, None)  # the stale layout goes before the new one is made
+        entry = _packed[weight] = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach().t(), rows))
+    return entry[1]
 
 
 def _use_onednn(x, weight):

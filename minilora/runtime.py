@@ -6,7 +6,10 @@
     cleanup(rt)                   # leaves the process group
 """
 
+import ctypes
 import os
+import platform
+import sys
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -93,6 +96,26 @@ def autocast_context(device_type, dtype):
     if dtype == "fp32":
         return nullcontext()
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
+
+
+def keep_freed_memory():
+    """Have glibc's malloc keep what a training step frees for the next step instead of handing it back to
+    the OS; returns whether it applied (Linux with glibc only).
+
+    Full fine-tuning frees every weight's gradient and the backward's buffers each step (0.5 GB of
+    gradients at gpt2). By default glibc returns large blocks to the kernel at once (each above its
+    mmap threshold, at most 32 MB, is an mmap of its own), and the next step page-faults them back in
+    4 KB at a time: full fine-tuning gpt2 8x256 in fp32 ran 1.17-1.26x faster with this (330 -> 385
+    and 310 -> 389 tok/s, AMD Zen 5), for 180-200 MB more peak RSS. LoRA's gradients are a few MB and
+    its step was no faster (577 vs 568 tok/s), so LoRA keeps glibc's defaults (and its smaller peak).
+    The same as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<2 GB> in the environment."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
+    # no block gets an mmap of its own (so none is unmapped on free), and the heap's top is trimmed only
+    # once 2 GB of it are free (mallopt takes an int)
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2 ** 31 - 1))
 
 
 def usable_cores(sys_root="/sys"):

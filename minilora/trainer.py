@@ -45,7 +45,7 @@ from minilora.model import GPT
 from minilora.ops import kernel_summary
 from minilora.params import format_report, parameter_report
 from minilora.progress import Progress, fmt_time, peak_memory_mb
-from minilora.runtime import autocast_context, cleanup, resolve_dtype, setup_runtime
+from minilora.runtime import autocast_context, cleanup, keep_freed_memory, resolve_dtype, setup_runtime
 from minilora.tasks import exact_match_accuracy
 from minilora.tokenizer import get_tokenizer
 
@@ -518,6 +518,9 @@ def train(model, dataset, cfg, rt, eval_fn=None, stream=None, info=None):
     rt.dtype, why = (rt.dtype, "auto: as measured when this run started") if restored_dtype else \
         training_dtype(cfg, rt, raw_model)
     progress.note(f"precision: {rt.dtype if rt.dtype == 'fp32' else rt.dtype + ' autocast'} ({why})")
+    if rt.device_type == "cpu" and not cfg.lora and keep_freed_memory():
+        progress.note("memory: malloc keeps what a step frees for the next (full training re-allocates every "
+                      "gradient each step; see runtime.keep_freed_memory)")
     if cfg.compile:
         model = torch.compile(model)
     if rt.ddp:

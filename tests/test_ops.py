@@ -186,6 +186,53 @@ def test_head_and_loss_match_cross_entropy_on_either_library(monkeypatch, kernel
         assert onednn_weights and all(b.data_ptr() == w.data_ptr() for b in onednn_weights)
 
 
+@needs_onednn
+def test_a_frozen_heads_input_gradient_runs_on_a_layout_kept_until_the_head_changes(monkeypatch):
+    """keep_packed=True: the input gradient of a frozen head runs on packed_transpose(), made once and reused
+    by later steps; an in-place change to the head (a merge, a load) makes a new one. Same values as F.linear."""
+    monkeypatch.setenv(KERNEL_ENV, "onednn")
+    monkeypatch.setattr(ops, "_packed", ops.WeakIdKeyDictionary())
+    layouts = []
+    torch.manual_seed(0)
+    w = torch.randn(100, 24) * 0.3  # frozen
+    targets = torch.randint(0, 100, (50,))
+    for step in range(3):
+        if step == 2:
+            w.mul_(1.5)  # in place: the kept layout is stale
+        x = torch.randn(50, 24, requires_grad=True)
+        LinearCrossEntropy.apply(x, w, targets, 16, True).backward()
+        x_ref = x.detach().requires_grad_(True)
+        F.cross_entropy(F.linear(x_ref, w), targets).backward()
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-6)
+        layouts.append(ops._packed[w][1])
+    assert layouts[0] is layouts[1] and layouts[2] is not layouts[1]
+    x = torch.randn(50, 24, requires_grad=True)
+    LinearCrossEntropy.apply(x, w.clone().requires_grad_(True), targets, 16, True).backward()  # a head that trains
+    assert len(ops._packed) == 1 and ops._packed[w][1] is layouts[2]
+    del w, layouts
+    assert len(ops._packed) == 0  # freed with the head
+
+
+@needs_onednn
+@pytest.mark.parametrize("memory_option", [None, "gradient_checkpointing", "nf4"])
+def test_the_model_keeps_the_heads_layout_unless_set_up_to_save_memory(monkeypatch, memory_option):
+    from minilora import GPT, GPTConfig, LoraConfig
+    from minilora.lora import apply_lora
+    from minilora.quantize import quantize
+    monkeypatch.setenv(KERNEL_ENV, "onednn")
+    monkeypatch.setattr(ops, "_packed", ops.WeakIdKeyDictionary())
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name("tiny"))
+    if memory_option == "nf4":
+        quantize(model, "nf4")
+    apply_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    if memory_option == "gradient_checkpointing":
+        model.gradient_checkpointing_enable()
+    idx = torch.randint(0, model.config.vocab_size, (2, 16))
+    model(idx, idx, loss_only=True)[1].backward()
+    assert (len(ops._packed) == 1) == (memory_option is None)
+
+
 def test_head_and_loss_in_fp32_over_a_head_stored_in_bf16(monkeypatch):
     """fp32 activations over a bf16 head: the kernel timing runs on the fp32 copy of its rows (it used to
     fail on the mixed dtypes), and the result is fp32 cross-entropy over the upcast head."""

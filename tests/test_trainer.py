@@ -7,6 +7,9 @@ import io
 import json
 import math
 import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -315,3 +318,40 @@ def test_progress_rewrites_one_line_on_a_terminal(tmp_path):
     plain = io.StringIO()
     Progress(str(tmp_path / "p"), True, stream=plain).line("step 1/2")
     assert plain.getvalue() == "step 1/2\n"
+
+
+# ---- malloc: full training keeps freed memory -------------------------------------------------------
+
+KEEP_PROBE = """
+import sys, torch
+from minilora.runtime import keep_freed_memory
+def rss_kb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+applied = keep_freed_memory() if sys.argv[1] == "keep" else False
+before = rss_kb()
+x = torch.ones(2 ** 24)  # 64 MiB, touched
+del x
+print(int(applied), (rss_kb() - before) // 1024)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_keep_freed_memory_keeps_a_freed_block_for_the_next_allocation():
+    """By default glibc unmaps a freed 64 MiB block at once (the next one page-faults in again); after
+    keep_freed_memory() it stays in the process for the next step."""
+    kept = {}
+    for mode in ("default", "keep"):
+        out = subprocess.run([sys.executable, "-c", KEEP_PROBE, mode], capture_output=True, text=True, check=True)
+        applied, mib = map(int, out.stdout.split())
+        kept[mode] = (applied, mib)
+    assert kept["default"][0] == 0 and kept["default"][1] < 16
+    assert kept["keep"][0] == 1 and kept["keep"][1] >= 60
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_only_full_training_on_the_cpu_keeps_freed_memory(monkeypatch, tmp_path, text_file, base_dir, lora_r):
+    calls = []
+    monkeypatch.setattr("minilora.trainer.keep_freed_memory", lambda: calls.append(1) or True)
+    run(make_cfg(tmp_path, text_file, init_from=base_dir, lora_r=lora_r, max_iters=1))
+    assert calls == ([1] if lora_r == 0 else [])

@@ -155,8 +155,7 @@ def worker_ceilings(p):
 
 def worker_train(p):
     """One AdamW training step (forward, backward, step, zero_grad), LoRA or full, fp32 or bf16 autocast."""
-    if not p["lora"]:
-        keep_freed_memory()  # as train.py does for full training
+    keep_freed_memory()  # as train.py does on the CPU
     model = build(p["shape"], p["lora"])
     V, B, T = model.config.vocab_size, p["batch"], p["seq"]
     g = torch.Generator().manual_seed(0)

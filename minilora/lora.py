@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from minilora import dora
 from minilora.errors import MiniloraError
+from minilora.ops import Linear
 from minilora.quantize import QuantizedLinear, dequantize_model
 from minilora.targets import find_modules, find_targets
 
@@ -160,8 +161,9 @@ class LoRALinear(nn.Module):
         device, dtype = ref.device, ref.dtype
         # fp32 even for a bf16/fp16 (or 4-bit) base: A and B are small, and low precision would swallow small updates
         kw = dict(bias=False, device=device, dtype=torch.promote_types(dtype, torch.float32))
-        self.lora_A[name] = nn.Linear(self.in_features, r, **kw)  # nn.Linear's own init: kaiming_uniform(a=sqrt(5))
-        self.lora_B[name] = nn.Linear(r, self.out_features, **kw)
+        # nn.Linear's own init (kaiming_uniform(a=sqrt(5))); ops.Linear: fp32 training products on the faster library
+        self.lora_A[name] = Linear(self.in_features, r, **kw)
+        self.lora_B[name] = Linear(r, self.out_features, **kw)
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.lora_dropout[name].train(self.training)  # new modules start in train mode; follow the layer's
         self.r[name], self.lora_alpha[name] = r, lora_alpha

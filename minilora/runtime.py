@@ -100,16 +100,19 @@ def autocast_context(device_type, dtype):
 
 def keep_freed_memory():
     """Have glibc's malloc keep what a training step frees for the next step instead of handing it back to
-    the OS; returns whether it applied (Linux with glibc only).
+    the OS; returns whether it applied (Linux with glibc only). train() calls it for CPU training.
 
-    Full fine-tuning frees every weight's gradient and the backward's buffers each step (0.5 GB of
-    gradients at gpt2). By default glibc returns large blocks to the kernel at once (each above its
-    mmap threshold, at most 32 MB, is an mmap of its own), and the next step page-faults them back in
-    4 KB at a time: full fine-tuning gpt2 8x256 in fp32 ran 1.17-1.26x faster with this (330 -> 385
-    and 310 -> 389 tok/s, AMD Zen 5), for 180-200 MB more peak RSS. LoRA's gradients are a few MB and
-    its step was no faster (577 vs 568 tok/s), so LoRA keeps glibc's defaults (and its smaller peak).
-    The same as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<2 GB> in the environment."""
+    A step frees and re-allocates the backward's buffers, bf16 autocast's weight copies and, in full
+    fine-tuning, every weight's gradient (0.5 GB at gpt2). By default glibc returns large blocks to the
+    kernel at once (each above its mmap threshold, at most 32 MB, is an mmap of its own) and the next
+    step page-faults them back in 4 KB at a time. gpt2 8x256 on an AMD Zen 5, default vs this, in
+    separate processes: full fine-tuning fp32 330 -> 385 and 310 -> 389 tok/s (+180-200 MB peak RSS),
+    LoRA fp32 616 -> 623 and 622 -> 646, LoRA bf16 976 -> 1009 and 989 -> 1000 (LoRA's peak the same or
+    lower). The same as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<2 GB> in the environment; a MALLOC_*
+    or GLIBC_TUNABLES setting of the user's own (e.g. README's MALLOC_MMAP_THRESHOLD_ for a smaller peak) stands."""
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    if "GLIBC_TUNABLES" in os.environ or any(k.startswith("MALLOC_") for k in os.environ):
         return False
     libc = ctypes.CDLL(None)
     m_trim_threshold, m_mmap_max = -1, -4  # malloc.h

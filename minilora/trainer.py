@@ -518,9 +518,8 @@ def train(model, dataset, cfg, rt, eval_fn=None, stream=None, info=None):
     rt.dtype, why = (rt.dtype, "auto: as measured when this run started") if restored_dtype else \
         training_dtype(cfg, rt, raw_model)
     progress.note(f"precision: {rt.dtype if rt.dtype == 'fp32' else rt.dtype + ' autocast'} ({why})")
-    if rt.device_type == "cpu" and not cfg.lora and keep_freed_memory():
-        progress.note("memory: malloc keeps what a step frees for the next (full training re-allocates every "
-                      "gradient each step; see runtime.keep_freed_memory)")
+    if rt.device_type == "cpu" and keep_freed_memory():
+        progress.note("memory: malloc keeps what a step frees for the next one (runtime.keep_freed_memory)")
     if cfg.compile:
         model = torch.compile(model)
     if rt.ddp:

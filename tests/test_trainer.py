@@ -339,19 +339,21 @@ print(int(applied), (rss_kb() - before) // 1024)
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_keep_freed_memory_keeps_a_freed_block_for_the_next_allocation():
     """By default glibc unmaps a freed 64 MiB block at once (the next one page-faults in again); after
-    keep_freed_memory() it stays in the process for the next step."""
+    keep_freed_memory() it stays in the process for the next step, unless the user set malloc up themselves."""
     kept = {}
-    for mode in ("default", "keep"):
-        out = subprocess.run([sys.executable, "-c", KEEP_PROBE, mode], capture_output=True, text=True, check=True)
-        applied, mib = map(int, out.stdout.split())
-        kept[mode] = (applied, mib)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    for mode, extra in (("default", {}), ("keep", {}), ("keep", {"MALLOC_MMAP_THRESHOLD_": "4194304"})):
+        out = subprocess.run([sys.executable, "-c", KEEP_PROBE, mode], capture_output=True, text=True, check=True,
+                             env={**env, **extra})
+        kept[mode + "+env" * bool(extra)] = tuple(map(int, out.stdout.split()))
     assert kept["default"][0] == 0 and kept["default"][1] < 16
     assert kept["keep"][0] == 1 and kept["keep"][1] >= 60
+    assert kept["keep+env"][0] == 0 and kept["keep+env"][1] < 16  # the user's own malloc setting stands
 
 
 @pytest.mark.parametrize("lora_r", [0, 4])
-def test_only_full_training_on_the_cpu_keeps_freed_memory(monkeypatch, tmp_path, text_file, base_dir, lora_r):
+def test_training_on_the_cpu_keeps_freed_memory(monkeypatch, tmp_path, text_file, base_dir, lora_r):
     calls = []
     monkeypatch.setattr("minilora.trainer.keep_freed_memory", lambda: calls.append(1) or True)
     run(make_cfg(tmp_path, text_file, init_from=base_dir, lora_r=lora_r, max_iters=1))
-    assert calls == ([1] if lora_r == 0 else [])
+    assert calls == [1]

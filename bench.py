@@ -251,7 +251,9 @@ def worker_memory_step(p):
     """LoRA training steps on an fp32 / NF4 / int8 base, with or without checkpointing: the steps' peak RSS
     above the bare runtime (Linux's VmHWM, reset after loading), tokens/s, and the planner's estimate.
     The base is read from a checkpoint the parent wrote, as a user loads one: a quantized base layer by layer
-    (GPT.from_pretrained(quantize=...)), never whole in fp32."""
+    (GPT.from_pretrained(quantize=...)), never whole in fp32. malloc as train.py sets it (keep_freed_memory),
+    except in the rows that set MALLOC_MMAP_THRESHOLD_ themselves."""
+    keep_freed_memory()
     warm = build(("tiny", {}), lora=True)  # load and initialise torch's kernels (oneDNN, autograd threads) first
     warm(*[torch.randint(257, (2, 8))] * 2, loss_only=True)[1].backward()
     del warm

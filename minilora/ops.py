@@ -37,7 +37,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     fp32 products run on the library fp32_kernels() measured faster here; the weight gradient stays
     MKL's addmm_, which accumulates in place (oneDNN would write each chunk's (V, C) product anew).
     keep_packed=True lets a frozen head's input gradient run on packed_transpose(): one more copy of
-    the head, kept between steps, for a ~4% faster LoRA step (GPT.forward passes False when the
+    the head, kept between steps, for a 2-4% faster LoRA step (GPT.forward passes False when the
     model was set up to save memory). Ignored targets (-100) get zero loss and zero gradient.
     """
 

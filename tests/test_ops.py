@@ -136,6 +136,28 @@ def test_small_products_are_not_timed_and_keep_torchs_kernel(monkeypatch):
     assert train_linear(x, torch.randn(8, 16)).grad_fn.name() == "MmBackward0"  # torch's own F.linear
 
 
+@needs_onednn
+@pytest.mark.parametrize("rows,calls", [(32, 1), (8, 4), (2, 16), (1, 0)])
+def test_a_product_under_the_timing_bar_is_timed_over_repeated_calls(monkeypatch, rows, calls):
+    """With the bar at 2^16 FLOPs: a product of 2^16 is timed one call at a time, 2^14 four calls at a time,
+    2^12 (a sixteenth of the bar) sixteen, and a smaller one not at all (torch's MKL)."""
+    monkeypatch.setattr(ops, "MIN_TIMED_FLOPS", 2 ** 16)
+    per_sample = []
+
+    def seconds(fn, repeats=2):
+        n = len(ran)
+        fn()
+        per_sample.append(len(ran) - n)
+        return 1.0
+    ran = []
+    kernel_linear = ops.kernel_linear
+    monkeypatch.setattr(ops, "kernel_linear", lambda *a: ran.append(1) or kernel_linear(*a))
+    monkeypatch.setattr(ops, "_seconds", seconds)
+    kernels = fp32_kernels(torch.randn(rows, 32), torch.randn(32, 32), products=("forward",))  # 2 * rows * 32 * 32
+    assert kernels == {"forward": "mkl"}  # equal times: torch's own
+    assert per_sample == ([calls, calls] if calls else [])  # each library's sample: `calls` products
+
+
 def test_forcing_a_library_by_environment(monkeypatch):
     monkeypatch.setenv(KERNEL_ENV, "mkl")
     assert set(fp32_kernels(torch.randn(4, 16), torch.randn(8, 16)).values()) == {"mkl"}

@@ -140,6 +140,11 @@ def packed_transpose(weight, rows):
     return entry[1]
 
 
+def forget_packed():
+    """Drop every kept layout: train() does when its loop ends (inference does not use them; 154 MB at gpt2)."""
+    _packed.clear()
+
+
 def _use_onednn(x, weight):
     # Under torch.compile, inductor picks its own kernels (and cannot lower this op).
     return (_ONEDNN_LINEAR and x.is_cpu and x.dtype == weight.dtype == torch.float32

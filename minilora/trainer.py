@@ -42,7 +42,7 @@ from minilora.loading import RUN_FILE, RunInfo, load_model, model_config, templa
 from minilora.lora import LoraConfig, apply_lora, count_parameters, merge_and_unload, trainable_line
 from minilora.targets import split_list, target_modules_arg
 from minilora.model import GPT
-from minilora.ops import kernel_summary
+from minilora.ops import forget_packed, kernel_summary
 from minilora.params import format_report, parameter_report
 from minilora.progress import Progress, fmt_time, peak_memory_mb
 from minilora.runtime import autocast_context, cleanup, keep_freed_memory, resolve_dtype, setup_runtime
@@ -586,6 +586,7 @@ def train(model, dataset, cfg, rt, eval_fn=None, stream=None, info=None):
             save_checkpoint(raw_model, optimizer, scaler, dataset, cfg, rt, iter_num, best_val, kept)
 
     elapsed = time.time() - t0
+    forget_packed()  # the frozen head's layout for training (ops.packed_transpose) is of no use after it
     best = step_checkpoint_path(cfg.out_dir, kept["best_step"])
     if cfg.load_best_model_at_end and best and rt.master:  # out_dir/checkpoint keeps the last step, for --resume
         restore_step_checkpoint(raw_model, best)

@@ -17,6 +17,7 @@ import torch
 from minilora import GPT, GPTConfig, MiniloraError
 from minilora import LoraConfig, apply_lora, load_adapter
 from minilora.safetensors import load_file
+from minilora import ops
 from minilora.checkpoint import find_checkpoint
 from minilora.progress import Progress
 from minilora.runtime import Runtime, resolve_dtype, setup_runtime
@@ -357,3 +358,17 @@ def test_training_on_the_cpu_keeps_freed_memory(monkeypatch, tmp_path, text_file
     monkeypatch.setattr("minilora.trainer.keep_freed_memory", lambda: calls.append(1) or True)
     run(make_cfg(tmp_path, text_file, init_from=base_dir, lora_r=lora_r, max_iters=1))
     assert calls == [1]
+
+
+@pytest.mark.skipif(not ops._ONEDNN_PACK, reason="this torch build has no oneDNN layouts")
+def test_lora_training_uses_the_heads_kept_layout_and_drops_it_at_the_end(monkeypatch, tmp_path, jsonl_file,
+                                                                            base_dir):
+    monkeypatch.setenv(ops.KERNEL_ENV, "onednn")
+    monkeypatch.setattr(ops, "_choices", {})  # earlier tests' choices (MKL, untimed) are kept per process
+    monkeypatch.setattr(ops, "_packed", ops.WeakIdKeyDictionary())
+    kept = []
+    packed_transpose = ops.packed_transpose
+    monkeypatch.setattr(ops, "packed_transpose", lambda *a: kept.append(len(ops._packed)) or packed_transpose(*a))
+    run(make_cfg(tmp_path, jsonl_file, init_from=base_dir, lora_r=4, max_iters=3))
+    assert kept == [0, 1, 1]  # made at the first step, reused by the next two
+    assert len(ops._packed) == 0

@@ -52,7 +52,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         chunk = min(N, chunk or (128 if fp32 else 512))  # the faster size for each on the bench machine
         # first (once per process, on the first step): the timing's (chunk, V) temporaries are gone before the
         # chunk's own buffers exist, so they do not add up at the step's peak
-        kernels = fp32_kernels(x[:chunk], weight.detach(), products=PRODUCTS[:2]) if fp32 else {}  # dW: addmm_
+        # (under torch.compile, torch's own ops: inductor cannot lower oneDNN's, nor trace the timing)
+        kernels = fp32_kernels(x[:chunk], weight.detach(), products=PRODUCTS[:2]) \
+            if fp32 and not torch.compiler.is_compiling() else {}  # dW: addmm_
         # padding is for MKL's forward; oneDNN's ran as fast at 50257 rows as at 50304 (AMD Zen 5)
         pad = -V % 64 if N >= LinearCrossEntropy.PAD_MIN_ROWS and kernels.get("forward") != "onednn" else 0
         if pad or weight.dtype != dtype:

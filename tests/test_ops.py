@@ -409,3 +409,24 @@ def test_resume_keeps_the_measured_dtype_and_kernels(tmp_path):
     rt, log = run(dataclasses.replace(cfg, max_iters=3, resume=True))
     assert rt.dtype == "bf16" and "precision: bf16 autocast (auto: as measured when this run started)" in log
     assert ops._choices["forward", (128, 32)]["kernel"] == "onednn"
+
+
+@needs_onednn
+def test_a_lora_step_under_torch_compile_takes_torchs_own_kernels(monkeypatch):
+    """torch.compile cannot lower oneDNN's linear nor trace the kernel timing: under it the training linears
+    and the head + loss run torch's ops (it used to fail in the head's oneDNN forward), with eager's values."""
+    from minilora import GPT, GPTConfig, LoraConfig
+    from minilora.lora import apply_lora
+    monkeypatch.setenv(KERNEL_ENV, "onednn")  # eager takes oneDNN everywhere, even at this size
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name("tiny"))
+    apply_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    idx = torch.randint(0, model.config.vocab_size, (2, 16))
+    results = []
+    for m in (model, torch.compile(model)):
+        loss = m(idx, idx, loss_only=True)[1]
+        loss.backward()
+        results.append([loss.detach()] + [p.grad.clone() for p in model.parameters() if p.requires_grad])
+        model.zero_grad(set_to_none=True)
+    for got, ref in zip(results[1], results[0]):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)

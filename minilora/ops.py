@@ -5,6 +5,7 @@
                                     oneDNN measured faster here, per product (forward, input and weight gradient)
     Linear                          nn.Linear that takes linear() when no gradient is wanted, train_linear() otherwise
     LinearCrossEntropy.apply(...)   the head + cross-entropy in chunks, never holding (N, V) logits
+    packed_transpose(w, rows)       a frozen weight's transpose in oneDNN's own layout, kept across steps
     matmul_speedup(dtype, m, k, n)  how much faster a matmul of this shape runs in dtype than in fp32, here
 """
 
@@ -120,9 +121,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 # oneDNN's fp32 kernel, where this torch build has it (CPU builds for x86 and arm64 do)
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-_ONEDNN_PACK = _ONEDNN_LINEAR and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+_ONEDNN_PACK = _ONEDNN_LINEAR and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")  # its weight layouts
 _packed = WeakIdKeyDictionary()  # weight -> ((its data_ptr, its version), its transpose in oneDNN's layout)
 
 

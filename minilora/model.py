@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from minilora.config import GPTConfig
 from minilora.errors import MiniloraError
 from minilora.hub import CONFIG_FILE, read_checkpoint, read_config, read_weights, resolve, write_checkpoint
-from minilora.ops import Linear, LinearCrossEntropy
+from minilora.ops import Linear, linear_cross_entropy
 from minilora.quantize import is_quantized, quantize as quantize_model, quantized_layers
 
 
@@ -279,8 +279,8 @@ class GPT(nn.Module):
         if targets is not None and loss_only and not hasattr(self.lm_head, "base_layer"):
             # a frozen head's layout for its input gradient is kept across steps, unless memory was asked for
             keep_packed = not (self.gradient_checkpointing or is_quantized(self))
-            return None, LinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), None,
-                                                  keep_packed)
+            return None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), None,
+                                              keep_packed)
         if targets is not None:  # also a LoRA-wrapped head: the chunked loss only knows a plain weight
             logits = self.lm_head(x)  # (B, T, V)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)

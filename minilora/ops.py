@@ -5,6 +5,7 @@
                                     oneDNN measured faster here, per product (forward, input and weight gradient)
     Linear                          nn.Linear that takes linear() when no gradient is wanted, train_linear() otherwise
     LinearCrossEntropy.apply(...)   the head + cross-entropy in chunks, never holding (N, V) logits
+    linear_cross_entropy(...)       the same, left out of torch.compile's graph
     packed_transpose(w, rows)       a frozen weight's transpose in oneDNN's own layout, kept across steps
     matmul_speedup(dtype, m, k, n)  how much faster a matmul of this shape runs in dtype than in fp32, here
 """
@@ -53,9 +54,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         chunk = min(N, chunk or (128 if fp32 else 512))  # the faster size for each on the bench machine
         # first (once per process, on the first step): the timing's (chunk, V) temporaries are gone before the
         # chunk's own buffers exist, so they do not add up at the step's peak
-        # (under torch.compile, torch's own ops: inductor cannot lower oneDNN's, nor trace the timing)
-        kernels = fp32_kernels(x[:chunk], weight.detach(), products=PRODUCTS[:2]) \
-            if fp32 and not torch.compiler.is_compiling() else {}  # dW: addmm_
+        kernels = fp32_kernels(x[:chunk], weight.detach(), products=PRODUCTS[:2]) if fp32 else {}  # dW: addmm_
         # padding is for MKL's forward; oneDNN's ran as fast at 50257 rows as at 50304 (AMD Zen 5)
         pad = -V % 64 if N >= LinearCrossEntropy.PAD_MIN_ROWS and kernels.get("forward") != "onednn" else 0
         if pad or weight.dtype != dtype:
@@ -117,6 +116,12 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         dx, dw = ctx.saved_tensors
         return (None if dx is None else dx * grad_loss, None if dw is None else dw * grad_loss, None, None, None)
+
+
+@torch.compiler.disable  # run eagerly inside a compiled model: inductor cannot lower oneDNN's linear, and
+def linear_cross_entropy(x, weight, targets, chunk=None, keep_packed=False):  # dynamo fails on this loop's shapes
+    """LinearCrossEntropy.apply(...), left out of torch.compile's graph (a graph break, at full speed)."""
+    return LinearCrossEntropy.apply(x, weight, targets, chunk, keep_packed)
 
 
 # oneDNN's fp32 kernel, where this torch build has it (CPU builds for x86 and arm64 do)

@@ -14,7 +14,9 @@ FLOP counting (as in the PaLM paper and nanoGPT): N = matmul weights including t
 (12*L*C^2 + V*C); a training token costs 6*N for full fine-tuning (forward, input gradients,
 weight gradients) and 4*N for LoRA (the frozen weights get no weight gradients; the rank-r A/B
 products, ~0.2% of that, are not counted), plus 12*L*T*C for attention's two matmuls (the causal
-mask is not discounted). MFU = achieved FLOP/s / measured matmul peak of the same dtype.
+mask is not discounted). MFU = achieved FLOP/s / measured matmul peak of the same dtype, probed
+right before each timed step (a shared machine's load drifts within a run): the median over the
+steps of each step's ratio.
 
 bf16 on a CPU without native bf16 (no AVX512-BF16/AMX) is emulated, many times slower than fp32:
 the bf16 training rows alone would take many minutes. A brief probe (a 512x512 matmul in each
@@ -124,12 +126,33 @@ def n_params(shape):
         return GPT(GPTConfig.from_name(shape[0], **shape[1])).num_parameters()
 
 
-def matmul_gflops(n, dtype):
+def matmul_gflops(n, dtype, repeats=5):
     """The faster of the two GEMMs the model uses: torch.matmul (MKL for fp32 on x86) and
     minilora.ops.linear (oneDNN for fp32), on square n x n matrices."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    seconds = min(timed(lambda: torch.matmul(a, b), 5), timed(lambda: linear(a, b), 5))
+    seconds = min(timed(lambda: torch.matmul(a, b), repeats), timed(lambda: linear(a, b), repeats))
     return 2 * n ** 3 / seconds / 1e9
+
+
+def timed_against_peak(fn, repeats, n, dtype, warmup=2):
+    """timed(fn) with the matmul peak probed right before each run: -> (median seconds, [(seconds, peak), ...]).
+    On a shared machine the load drifts within a run (the peak of one probe swung 280-460 GFLOP/s from
+    process to process); each run divided by the peak measured next to it keeps that drift out of MFU.
+    Two warm-ups: a training step's first run after one still ran ~1.5x slower (full fine-tuning, Zen 5)."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        peak = matmul_gflops(n, dtype, repeats=3)
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0, peak))
+    return statistics.median(s for s, _ in samples), samples
+
+
+def mfu(samples, flops_per_step):
+    """The median over runs of each run's FLOP/s over the peak probed right before it."""
+    return statistics.median(flops_per_step / (seconds * peak * 1e9) for seconds, peak in samples)
 
 
 def read_bandwidth_gbs(mb):
@@ -170,11 +193,10 @@ def worker_train(p):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    # The peak again, right before the steps: on a shared machine the load drifts during a run,
-    # and MFU is only meaningful against a ceiling measured under the same load.
-    peak = matmul_gflops(p["matmul_n"], DTYPES[p["dtype"]])
-    seconds = timed(step, p["repeats"])
-    return dict(tokens_per_s=B * T / seconds, step_s=seconds, matmul_peak_gflops=peak, peak_rss_mb=peak_memory_mb("cpu"),
+    # MFU is only meaningful against a ceiling measured under the same load: the peak is probed before each step.
+    seconds, samples = timed_against_peak(step, p["repeats"], p["matmul_n"], DTYPES[p["dtype"]])
+    return dict(tokens_per_s=B * T / seconds, step_s=seconds, samples=samples,
+                matmul_peak_gflops=statistics.median(peak for _, peak in samples), peak_rss_mb=peak_memory_mb("cpu"),
                 trainable_params=sum(q.numel() for q in trainable), loss_only=True, kernels=kernel_report())
 
 
@@ -478,16 +500,17 @@ def report(mode, res):
             if r is None:
                 continue
             flops = train_flops_per_token(cfg, T, kind == "lora")
-            mfu = r["tokens_per_s"] * flops / (r["matmul_peak_gflops"] * 1e9)  # the peak from the same process
+            utilisation = mfu(r["samples"], B * T * flops)
             row(section, f"train_{kind}_{dtype}", f"{'LoRA r=8 q,v' if kind == 'lora' else 'full fine-tuning'} "
                 f"{'fp32' if dtype == 'fp32' else 'bf16 autocast'}", r["tokens_per_s"], "tok/s",
-                f"MFU {mfu:4.0%} of {r['matmul_peak_gflops']:.0f} GFLOP/s, peak RSS {r['peak_rss_mb']:6.0f} MB", mfu=mfu,
+                f"MFU {utilisation:4.0%} of {r['matmul_peak_gflops']:.0f} GFLOP/s, peak RSS {r['peak_rss_mb']:6.0f} MB",
+                mfu=utilisation,
                 peak_rss_mb=r["peak_rss_mb"], flops_per_token=flops, kernels=r.get("kernels", []))
         ratio(f"train tok/s LoRA / full, {dtype}", res[f"train_lora_{dtype}"]["tokens_per_s"]
               / res[f"train_full_{dtype}"]["tokens_per_s"] if f"train_lora_{dtype}" in res else None, ">=", 1.7)
-    mfu = {r["name"]: r["mfu"] for r in rows if "mfu" in r}
-    ratio("train MFU LoRA fp32 (of the fp32 matmul peak)", mfu["train_lora_fp32"], ">=", 0.70)
-    ratio("train MFU LoRA bf16 (of the bf16 matmul peak)", mfu.get("train_lora_bf16"), ">=", 0.55)
+    utilisation = {r["name"]: r["mfu"] for r in rows if "mfu" in r}
+    ratio("train MFU LoRA fp32 (of the fp32 matmul peak)", utilisation["train_lora_fp32"], ">=", 0.70)
+    ratio("train MFU LoRA bf16 (of the bf16 matmul peak)", utilisation.get("train_lora_bf16"), ">=", 0.55)
     ratio("train tok/s LoRA bf16 / fp32", res["train_lora_bf16"]["tokens_per_s"]
           / res["train_lora_fp32"]["tokens_per_s"] if bf16 else None, ">=", 1.8)
     shape, B, T = m["memory"]
@@ -622,7 +645,7 @@ def main():
                skipped_rows=[name for name in [f"train_{kind}_bf16" for kind in ("lora", "full")]
                              + [f"family_{shape[0]}_bf16" for shape in MODES[mode]["families"][0]] if name not in res],
                flop_counting="MFU counts per token 6*N FLOPs for full fine-tuning and 4*N for LoRA (N = matmul "
-                             "weights incl. the head), plus 12*L*T*C for attention, over the matmul peak measured in the same process")
+                             "weights incl. the head), plus 12*L*T*C for attention, over the matmul peak probed before each step")
     print(format_table(mode, out), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json == "-":
         print(json.dumps(out, indent=1))

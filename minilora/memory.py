@@ -149,13 +149,15 @@ def transient_bytes(config, model, dtype, tokens, method, gradient_checkpointing
     """The largest short-lived buffers of a step: the chunked loss's logit chunk and head copy
     (ops.LinearCrossEntropy in fp32: padded from PAD_MIN_ROWS tokens on where MKL runs the head's forward;
     where oneDNN runs it, a frozen float head's layout for the input gradient, kept between steps unless
-    gradient checkpointing is on: one head-sized copy either way. Under autocast the head's bf16 copy),
+    gradient checkpointing is on, or a training head's weight-gradient product: one head-sized buffer either
+    way. Under autocast the head's bf16 copy),
     and the dequantization buffer."""
     padded = tokens >= LinearCrossEntropy.PAD_MIN_ROWS
     kept_layout = method == "lora" and not gradient_checkpointing
+    trains_head = method == "full"  # its weight gradient on oneDNN: one (V, C) product per 512-row chunk
     Vp, E = config.vocab_size + (-config.vocab_size % 64 if padded else 0), config.embed_dim
     if dtype == "fp32":
-        loss = (Vp * E * 4 if padded or kept_layout else 0) + min(tokens, 128) * Vp * 4
+        loss = (Vp * E * 4 if padded or kept_layout or trains_head else 0) + min(tokens, 512 if trains_head else 128) * Vp * 4
     else:
         loss = Vp * E * 2 + min(tokens, 512) * Vp * (2 + 4)
     # a layer is dequantized in row chunks of at most MAX_CHUNK weights: fp32 levels (+ their bf16 copy), and for

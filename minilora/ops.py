@@ -3,6 +3,7 @@
     linear(x, w, b)                 F.linear without autograd; fp32 on the CPU runs on oneDNN, not MKL
     train_linear(x, w, b)           F.linear with autograd; fp32 on the CPU runs on whichever of MKL and
                                     oneDNN measured faster here, per product (forward, input and weight gradient)
+    forced_kernel(kernel)           a block in which every fp32 training product runs on one library
     Linear                          nn.Linear that takes linear() when no gradient is wanted, train_linear() otherwise
     LinearCrossEntropy.apply(...)   the head + cross-entropy in chunks, never holding (N, V) logits
     linear_cross_entropy(...)       the same, left out of torch.compile's graph
@@ -10,6 +11,7 @@
     matmul_speedup(dtype, m, k, n)  how much faster a matmul of this shape runs in dtype than in fp32, here
 """
 
+import contextlib
 import os
 import time
 
@@ -36,8 +38,10 @@ class LinearCrossEntropy(torch.autograd.Function):
     many chunks, so fewer than PAD_MIN_ROWS rows use the weight as it is. oneDNN ran as fast unpadded
     and gets the weight itself (on a Zen 5 the padded copy and a transposed one for the input
     gradient cost 300 MB of the LoRA step's peak and ~7% of the head's time).
-    fp32 products run on the library fp32_kernels() measured faster here; the weight gradient stays
-    MKL's addmm_, which accumulates in place (oneDNN would write each chunk's (V, C) product anew).
+    fp32 products run on the library fp32_kernels() measured faster here. The weight gradient on MKL is
+    addmm_, in place; on oneDNN each chunk's (V, C) product is made anew and added (one more head-sized
+    buffer), so a head that trains takes 512-row chunks: its weight gradient ran at 361 GFLOP/s that way,
+    254 at 128 rows and 217 on MKL's addmm_ (gpt2 head, AMD Zen 5).
     keep_packed=True lets a frozen head's input gradient run on packed_transpose(): one more copy of
     the head, kept between steps, for a 2-4% faster LoRA step (GPT.forward passes False when the
     model was set up to save memory). Ignored targets (-100) get zero loss and zero gradient.
@@ -51,10 +55,12 @@ class LinearCrossEntropy(torch.autograd.Function):
         (N, C), V, dev = x.shape, weight.shape[0], x.device
         dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x.dtype
         fp32 = dtype == torch.float32
-        chunk = min(N, chunk or (128 if fp32 else 512))  # the faster size for each on the bench machine
+        need_dx, need_dw = ctx.needs_input_grad[:2]
+        # the faster sizes on the bench machine; a head that trains takes 512 rows in fp32 for its weight gradient
+        chunk = min(N, chunk or (512 if need_dw or not fp32 else 128))
         # first (once per process, on the first step): the timing's (chunk, V) temporaries are gone before the
         # chunk's own buffers exist, so they do not add up at the step's peak
-        kernels = fp32_kernels(x[:chunk], weight.detach(), products=PRODUCTS[:2]) if fp32 else {}  # dW: addmm_
+        kernels = fp32_kernels(x[:chunk], weight.detach(), products=PRODUCTS if need_dw else PRODUCTS[:2]) if fp32 else {}
         # padding is for MKL's forward; oneDNN's ran as fast at 50257 rows as at 50304 (AMD Zen 5)
         pad = -V % 64 if N >= LinearCrossEntropy.PAD_MIN_ROWS and kernels.get("forward") != "onednn" else 0
         if pad or weight.dtype != dtype:
@@ -69,7 +75,6 @@ class LinearCrossEntropy(torch.autograd.Function):
             bias[V:] = float("-inf")
         valid = targets != -100
         count = valid.sum().clamp(min=1)
-        need_dx, need_dw = ctx.needs_input_grad[:2]
         dx = torch.empty_like(x) if need_dx else None
         dw = torch.zeros(w.shape, dtype=torch.float32, device=dev) if need_dw else None
         logits = torch.empty(chunk, w.shape[0], dtype=dtype, device=dev)  # the chunk's buffers
@@ -105,7 +110,9 @@ class LinearCrossEntropy(torch.autograd.Function):
                 grad = p if p is z else z.copy_(p)
                 if need_dx:
                     dx[i:i + n] = kernel_linear(kernels.get("input_grad"), grad, w_t)
-                if need_dw and fp32:
+                if need_dw and fp32 and kernels["weight_grad"] == "onednn":
+                    dw.add_(_onednn_linear(grad.t(), xc.t()))  # a (V, C) product to add: no in-place form
+                elif need_dw and fp32:
                     dw.addmm_(grad.t(), xc)
                 elif need_dw:
                     dw.add_(torch.mm(grad.t(), xc, out=dw_chunk))  # bf16 product, fp32 sum
@@ -123,6 +130,15 @@ def linear_cross_entropy(x, weight, targets, chunk=None, keep_packed=False):  # 
     """LinearCrossEntropy.apply(...), left out of torch.compile's graph (a graph break, at full speed)."""
     return LinearCrossEntropy.apply(x, weight, targets, chunk, keep_packed)
 
+
+# oneDNN keeps every kernel it makes, one per product shape at ~1-2 MB each, in two caches of 1024 (its own and
+# ideep's, torch's wrapper). Padded batches of varying length make new shapes at every step: a LoRA step on a
+# 4-layer gpt2 with lengths 64-256 grew from 1.4 to 2.7 GB of RSS in 120 steps (MKL: 1.4 GB), still growing.
+# A fixed-shape training step uses ~20 kernels, so 64 of each keep a step's and bound the rest (the same step:
+# 1.4-1.8 GB, at the same speed). Both are read when oneDNN is first used, so here, before it; a user's value wins.
+CACHE_CAPACITY = 64
+for _name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+    os.environ.setdefault(_name, str(CACHE_CAPACITY))
 
 # oneDNN's fp32 kernel, where this torch build has it (CPU builds for x86 and arm64 do)
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -253,6 +269,24 @@ def fp32_kernels(x, weight, bias=None, products=None):
                 if (p, key) not in _choices:
                     _choices[p, key] = _choose(p, operands[p], flops)
     return {p: _choices[p, key]["kernel"] for p in products}
+
+
+@contextlib.contextmanager
+def forced_kernel(kernel):
+    """Every fp32 training product on one library inside the block, as MINILORA_FP32_KERNEL=kernel would;
+    the choices made so far and the environment are as they were afterwards (to time one library against
+    the other in a process that goes on training)."""
+    global _choices
+    saved_choices, saved_env = _choices, os.environ.get(KERNEL_ENV)
+    _choices, os.environ[KERNEL_ENV] = {}, kernel
+    try:
+        yield
+    finally:
+        _choices = saved_choices
+        if saved_env is None:
+            os.environ.pop(KERNEL_ENV, None)
+        else:
+            os.environ[KERNEL_ENV] = saved_env
 
 
 def kernel_choices():

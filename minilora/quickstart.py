@@ -57,11 +57,13 @@ import torch
 
 from minilora.chat import TEMPLATE_FILE
 from minilora.cli import main_guard, opt, parse_args
+from minilora.config import GPTConfig
 from minilora.data import read_jsonl
 from minilora.errors import MiniloraError
-from minilora.ops import KERNEL_ENV
+from minilora.ops import KERNEL_ENV, forced_kernel
 from minilora.fileio import atomic_directory, atomic_open
 from minilora.lora import print_trainable_parameters
+from minilora.model import GPT
 from minilora.plot import plot_runs, pyplot, read_log
 from minilora.tasks import (TASKS, exact_match_accuracy, greedy_completions, make_task, task_answer, task_prompt,
                             write_corpus, write_jsonl)
@@ -175,6 +177,57 @@ def in_fresh_process(fn, *args):
 def dir_bytes(path, names=None):
     return sum(os.path.getsize(os.path.join(path, n)) for n in (names or os.listdir(path))
                if os.path.isfile(os.path.join(path, n)))
+
+
+# ---- one fp32 library for the whole run -------------------------------------------------------------
+
+# Its figures must reproduce on a given CPU, and these exact-match scores move with rounding: two runs whose
+# per-product timings (train.py's default) chose MKL and oneDNN differently gave sql 100% and 67.5% on one
+# machine. So one library runs every product of every stage, decided once, by a margin no run-to-run noise
+# crosses: a training step of the base on either (AMD Zen 5: oneDNN 1.4x MKL's speed; Sapphire Rapids: MKL
+# faster on every gradient). fp32 also unless --dtype says otherwise (train.py's --dtype auto is a timing too).
+LIBRARY_MARGIN = 1.2
+LIBRARY_NAMES = {"mkl": "MKL", "onednn": "oneDNN"}
+
+
+def time_libraries(args):
+    """{"mkl": s, "onednn": s}: the best of a few forward + backward steps of the base model at the pretraining
+    batch on each library, alternated (the model's initial weights: only the time matters)."""
+    torch.manual_seed(args.seed)
+    model = GPT(GPTConfig.from_name(args.model))
+    x = torch.randint(model.config.vocab_size, (args.pretrain_batch_size, args.pretrain_block_size))
+
+    def step():
+        _, loss = model(x, x, loss_only=True)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    best = {}
+    for _ in range(2):
+        for kernel in LIBRARY_NAMES:
+            with forced_kernel(kernel):
+                step()  # warm-up: oneDNN makes its kernels, the allocator its pages
+                t0 = time.perf_counter()
+                for _ in range(3):
+                    step()
+                best[kernel] = min(best.get(kernel, float("inf")), time.perf_counter() - t0)
+    return best
+
+
+def fp32_library(args):
+    """(library, why): the environment's MINILORA_FP32_KERNEL, else oneDNN where a training step of the base
+    ran LIBRARY_MARGIN times as fast on it as on MKL, else MKL (torch's own)."""
+    if os.environ.get(KERNEL_ENV):
+        if os.environ[KERNEL_ENV] not in LIBRARY_NAMES:
+            raise MiniloraError(f"{KERNEL_ENV}={os.environ[KERNEL_ENV]!r}: set it to mkl or onednn, or unset it")
+        return os.environ[KERNEL_ENV], f"{KERNEL_ENV} is set"
+    if not torch.backends.mkldnn.is_available():
+        return "mkl", "this torch has no oneDNN"
+    t = in_fresh_process(time_libraries, args)
+    speedup = t["mkl"] / t["onednn"]
+    kernel = "onednn" if speedup >= LIBRARY_MARGIN else "mkl"
+    return kernel, (f"a training step of the base ran {speedup:.2f}x as fast on oneDNN as on MKL here, "
+                    f"{'at least' if kernel == 'onednn' else 'under'} the {LIBRARY_MARGIN}x bar; "
+                    f"{KERNEL_ENV}=mkl|onednn picks one")
 
 
 # ---- stage 1: the base model ----------------------------------------------------------------------
@@ -294,7 +347,7 @@ def finetune(args, task, paths):
                 "steps": result.iter_num, "train_s": result.elapsed, "tokens_per_sec": result.tokens_per_sec,
                 # --dtype auto is measured at the start of each run: results compared across runs (LoRA vs
                 # QLoRA) must say which precision they trained in
-                "precision": rt.dtype,
+                "precision": rt.dtype, "fp32_kernel": os.environ.get(KERNEL_ENV),
                 "peak_rss_mb": result.peak_memory_mb, "wall_s": time.time() - t_start,
                 "n_train": dataset.num_train_examples, "n_val": len(val), "run_dir": run_dir, "examples": examples,
                 "torch_threads": torch.get_num_threads()}
@@ -396,11 +449,8 @@ def main(argv=None):
     if args.quick:
         args = apply_quick(args)
     tasks = args.tasks or (["sql"] if args.lora_r == 0 else ["sql", "dates"])
-    # Its figures must reproduce on a given CPU, and these exact-match scores move with rounding (two runs
-    # that timed MKL against oneDNN differently gave sql 100% and 67.5% on one machine): the quickstart's
-    # processes use torch's own MKL unless the environment says otherwise, and fp32 unless --dtype says
-    # otherwise (train.py's --dtype auto is a timing too). Its small matmuls gain little from either.
-    os.environ.setdefault(KERNEL_ENV, "mkl")
+    os.environ[KERNEL_ENV], why = fp32_library(args)  # every stage inherits it
+    print(f"fp32 matmuls: {LIBRARY_NAMES[os.environ[KERNEL_ENV]]} for every product of every stage ({why})")
     out = os.path.abspath(args.out_dir)
     paths = {"base": os.path.join(out, "base"), "runs": os.path.join(out, "runs"),
              "corpus": os.path.join(out, "data", "stdlib.txt")}

@@ -44,6 +44,8 @@ def test_bench_smoke_emits_json_with_every_row(tmp_path):
         assert math.isfinite(r["value"]) and r["value"] > 0, r
     for name in {"train_lora_fp32", "train_full_bf16"} & set(rows):
         assert rows[name]["mfu"] > 0 and rows[name]["peak_rss_mb"] > 0
+        samples = result["raw"][name]["samples"]  # (step seconds, the peak probed right before it), per repeat
+        assert len(samples) == 1 and all(s > 0 and peak > 0 for s, peak in samples)
     assert 0 < rows["decode_fp32"]["bandwidth_utilisation"]
     # LoRA trains 2 adapters (q, v) of r * (in + out) weights per block; full trains everything
     raw = result["raw"]
@@ -102,3 +104,13 @@ def test_memory_worker_loads_its_base_from_a_file_and_measures_a_step(tmp_path):
         r = bench.run_worker("memory_step", params, f"memory step, {quantize}")  # as bench.py --memory runs it
         assert r["peak_mb"] >= 0 and r["tokens_per_s"] > 0 and r["plan_mb"] > 0
         assert r["plan"]["method"] == ("qlora" if quantize else "lora") and (r["plan"]["quantized"] > 0) == bool(quantize)
+
+
+def test_mfu_is_the_median_of_each_step_over_the_peak_probed_next_to_it():
+    """On a shared machine the peak drifts within a run: a slow step next to a low peak is a step at the
+    same efficiency. The median of per-step ratios says so; median step over median peak would not."""
+    sys.path.insert(0, str(ROOT))
+    import bench
+    samples = [(1.0, 100.0), (2.0, 50.0), (1.5, 80.0)]  # seconds, GFLOP/s: 0.50, 0.50, 0.42 of the peak
+    assert math.isclose(bench.mfu(samples, 50e9), 0.5)
+    assert not math.isclose(50e9 / (1.5 * 80.0 * 1e9), 0.5)  # what dividing the two medians would give

@@ -1,5 +1,8 @@
 """minilora.ops: the fp32 kernel choice for training linears and the head, and dtype by measurement."""
 
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -166,6 +169,42 @@ def test_forcing_a_library_by_environment(monkeypatch):
         fp32_kernels(torch.randn(4, 16), torch.randn(9, 16))
 
 
+# A process that runs one oneDNN product per row count in 1..400 (a batch of a new length each time), the
+# RSS growth from the 100th to the 400th shape printed in MB.
+_SHAPES_SCRIPT = """
+import os, sys
+from minilora import ops  # sets the caches' capacity unless the environment already has one
+import torch
+print(os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"], os.environ["LRU_CACHE_CAPACITY"])
+def rss():
+    return int([l for l in open("/proc/self/status") if l.startswith("VmRSS")][0].split()[1]) / 1024
+w, x = torch.randn(512, 512), torch.randn(400, 512)
+for m in range(1, 401):
+    ops._onednn_linear(x[:m], w)
+    if m == 100:
+        before = rss()
+print(rss() - before)
+"""
+
+
+@needs_onednn
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from /proc")
+def test_onednn_kernel_caches_are_bounded_so_varying_batch_shapes_do_not_grow_memory():
+    """oneDNN keeps a kernel per shape (1024 of them by default, ~1 MB each): training on padded batches of
+    varying length grew RSS by GBs. minilora.ops caps both caches at import, unless the user set a capacity."""
+    def run(**env):
+        environ = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY",
+                                                                     "LRU_CACHE_CAPACITY")}
+        out = subprocess.run([sys.executable, "-c", _SHAPES_SCRIPT], env={**environ, **env}, capture_output=True,
+                             text=True, timeout=120, check=True).stdout.split()
+        return out[:2], float(out[2])
+    capacities, bounded = run()
+    assert capacities == [str(ops.CACHE_CAPACITY)] * 2
+    capacities, unbounded = run(ONEDNN_PRIMITIVE_CACHE_CAPACITY="1024", LRU_CACHE_CAPACITY="1024")
+    assert capacities == ["1024", "1024"]  # the user's setting wins
+    assert unbounded > 100 and bounded < unbounded / 3, (bounded, unbounded)  # ~126 vs ~26 MB on a Zen 5
+
+
 def test_linear_module_uses_the_chosen_kernel_only_with_autograd(monkeypatch):
     monkeypatch.setenv(KERNEL_ENV, "onednn")
     layer = Linear(16, 8)
@@ -182,8 +221,9 @@ def test_linear_module_uses_the_chosen_kernel_only_with_autograd(monkeypatch):
 @pytest.mark.parametrize("pad", [False, True])
 @pytest.mark.parametrize("train_head", [False, True])
 def test_head_and_loss_match_cross_entropy_on_either_library(monkeypatch, kernel, pad, train_head):
-    """The chunked head + loss: fp32 products on either library, the vocabulary padded (many rows, MKL's
-    forward) or not. oneDNN gets the head's weight as it is: no padded copy, no transposed copy."""
+    """The chunked head + loss: fp32 products on either library (the weight gradient too, when the head
+    trains), the vocabulary padded (many rows, MKL's forward) or not. oneDNN gets the head's weight as it
+    is: no padded copy, no transposed copy."""
     monkeypatch.setenv(KERNEL_ENV, kernel)
     monkeypatch.setattr(LinearCrossEntropy, "PAD_MIN_ROWS", 1 if pad else 10 ** 9)
     onednn_weights = []
@@ -205,7 +245,12 @@ def test_head_and_loss_match_cross_entropy_on_either_library(monkeypatch, kernel
         if ref is not None:
             torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
     if kernel == "onednn" and ops._ONEDNN_LINEAR:  # forward: w itself; input gradient: a view of it
-        assert onednn_weights and all(b.data_ptr() == w.data_ptr() for b in onednn_weights)
+        on_w = [b for b in onednn_weights if b.data_ptr() == w.data_ptr()]
+        assert on_w
+        # a head that trains: its weight gradient g^T x on oneDNN too, over views of x's rows
+        x_start, x_end = x.data_ptr(), x.data_ptr() + x.numel() * x.element_size()
+        on_x = [b for b in onednn_weights if b.data_ptr() != w.data_ptr()]
+        assert all(x_start <= b.data_ptr() < x_end for b in on_x) and bool(on_x) == train_head
 
 
 @needs_onednn

@@ -5,10 +5,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from minilora.chat import JINJA
 from minilora.errors import MiniloraError
-from minilora.quickstart import QUICK, Args, apply_quick, base_key, base_status, comparison_table, main
+from minilora import ops, quickstart
+from minilora.ops import KERNEL_ENV
+from minilora.quickstart import (LIBRARY_NAMES, QUICK, Args, apply_quick, base_key, base_status, comparison_table,
+                                  fp32_library, main, time_libraries)
 from minilora.safetensors import load_file
 
 from scripts import ROOT, TINY, run_quickstart
@@ -38,6 +42,8 @@ def test_quick_run_writes_adapters_base_and_results(lora_run):
     for r in results["finetune"]:
         assert 0.0 <= r["base_accuracy"] <= 1.0 and 0.0 <= r["accuracy"] <= 1.0
         assert r["precision"] == "fp32"  # pinned (--dtype fp32 by default): train.py's auto is a timing, run to run
+        assert r["fp32_kernel"] in ("mkl", "onednn")  # one library for every stage, said up front
+        assert f"fp32 matmuls: {LIBRARY_NAMES[r['fp32_kernel']]} for every product of every stage (" in stdout
         # all-linear: 4 layers x r x (in + out) of q, k, v, out_proj (128 -> 128), fc_in (128 -> 512), fc_out (512 -> 128)
         assert r["trainable_params"] == 4 * 8 * (4 * (128 + 128) + 2 * (128 + 512))
         assert r["train_state_bytes"] == 16 * r["trainable_params"] + 4 * (r["total_params"] - r["trainable_params"])
@@ -108,3 +114,32 @@ def test_bad_options_fail_with_one_line(tmp_path, capsys):
     (tmp_path / "base").mkdir()
     with pytest.raises(MiniloraError, match="not written by the quickstart"):
         main(["--out_dir", str(tmp_path), *TINY])
+
+
+@pytest.mark.parametrize("times, expected", [({"mkl": 1.3, "onednn": 1.0}, "onednn"),
+                                             ({"mkl": 1.1, "onednn": 1.0}, "mkl"), ({"mkl": 0.7, "onednn": 1.0}, "mkl")])
+def test_one_fp32_library_for_the_whole_run_taken_by_a_margin(monkeypatch, times, expected):
+    """oneDNN only where a step of the base measured LIBRARY_MARGIN (1.2x) faster on it: near a tie the two
+    would trade places from run to run, and with them the rounding the exact-match figures move with."""
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    monkeypatch.setattr(quickstart, "in_fresh_process", lambda fn, *args: times)
+    kernel, why = fp32_library(Args())
+    assert kernel == expected and f"{times['mkl'] / times['onednn']:.2f}x as fast on oneDNN as on MKL" in why
+
+
+def test_the_environment_pins_the_library_without_timing(monkeypatch):
+    monkeypatch.setattr(quickstart, "in_fresh_process", lambda *a: pytest.fail("timed although pinned"))
+    monkeypatch.setenv(KERNEL_ENV, "onednn")
+    assert fp32_library(Args()) == ("onednn", f"{KERNEL_ENV} is set")
+    monkeypatch.setenv(KERNEL_ENV, "fastest")
+    with pytest.raises(MiniloraError, match=f"{KERNEL_ENV}='fastest': set it to mkl or onednn"):
+        fp32_library(Args())
+
+
+def test_timing_the_libraries_leaves_the_process_as_it_was(monkeypatch):
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    monkeypatch.setattr(ops, "_choices", {("forward", (1, 1)): dict(kernel="onednn", reason="earlier")})
+    times = time_libraries(Args(model="tiny", pretrain_batch_size=2, pretrain_block_size=16))
+    assert set(times) == {"mkl", "onednn"} and all(t > 0 for t in times.values())
+    assert KERNEL_ENV not in os.environ and list(ops._choices) == [("forward", (1, 1))]  # restored

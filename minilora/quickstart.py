@@ -184,7 +184,7 @@ def dir_bytes(path, names=None):
 # Its figures must reproduce on a given CPU, and these exact-match scores move with rounding: two runs whose
 # per-product timings (train.py's default) chose MKL and oneDNN differently gave sql 100% and 67.5% on one
 # machine. So one library runs every product of every stage, decided once, by a margin no run-to-run noise
-# crosses: a training step of the base on either (AMD Zen 5: oneDNN 1.4x MKL's speed; Sapphire Rapids: MKL
+# crosses: a training step of the base on either (AMD Zen 5: oneDNN 1.3-1.5x MKL's speed; Sapphire Rapids: MKL
 # faster on every gradient). fp32 also unless --dtype says otherwise (train.py's --dtype auto is a timing too).
 LIBRARY_MARGIN = 1.2
 LIBRARY_NAMES = {"mkl": "MKL", "onednn": "oneDNN"}

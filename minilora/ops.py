@@ -3,6 +3,7 @@
     linear(x, w, b)                 F.linear without autograd; fp32 on the CPU runs on oneDNN, not MKL
     train_linear(x, w, b)           F.linear with autograd; fp32 on the CPU runs on whichever of MKL and
                                     oneDNN measured faster here, per product (forward, input and weight gradient)
+    forced_library()                the library MINILORA_FP32_KERNEL forces, validated, or ""
     forced_kernel(kernel)           a block in which every fp32 training product runs on one library
     Linear                          nn.Linear that takes linear() when no gradient is wanted, train_linear() otherwise
     LinearCrossEntropy.apply(...)   the head + cross-entropy in chunks, never holding (N, V) logits
@@ -228,12 +229,18 @@ def _seconds(fn, repeats=2):
     return min(times)
 
 
+def forced_library():
+    """The library MINILORA_FP32_KERNEL forces ("mkl" or "onednn"), or "" when it is unset."""
+    forced = os.environ.get(KERNEL_ENV, "")
+    if forced not in ("", "mkl", "onednn"):
+        raise MiniloraError(f"{KERNEL_ENV}={forced!r}: set it to mkl or onednn, or unset it to measure")
+    return forced
+
+
 def _choose(product, operands, flops):
     """operands() -> the tensors to time, called only when the product is timed."""
-    forced = os.environ.get(KERNEL_ENV, "")
+    forced = forced_library()
     if forced:
-        if forced not in ("mkl", "onednn"):
-            raise MiniloraError(f"{KERNEL_ENV}={forced!r}: set it to mkl or onednn, or unset it to measure")
         return dict(kernel=forced if _ONEDNN_LINEAR else "mkl", reason=f"{KERNEL_ENV}={forced}")
     if not _ONEDNN_LINEAR or flops < MIN_TIMED_FLOPS // 16:
         return dict(kernel="mkl", reason="not timed: too small" if _ONEDNN_LINEAR else "no oneDNN in this torch")

@@ -60,7 +60,7 @@ from minilora.cli import main_guard, opt, parse_args
 from minilora.config import GPTConfig
 from minilora.data import read_jsonl
 from minilora.errors import MiniloraError
-from minilora.ops import KERNEL_ENV, forced_kernel
+from minilora.ops import KERNEL_ENV, forced_kernel, forced_library
 from minilora.fileio import atomic_directory, atomic_open
 from minilora.lora import print_trainable_parameters
 from minilora.model import GPT
@@ -216,10 +216,9 @@ def time_libraries(args):
 def fp32_library(args):
     """(library, why): the environment's MINILORA_FP32_KERNEL, else oneDNN where a training step of the base
     ran LIBRARY_MARGIN times as fast on it as on MKL, else MKL (torch's own)."""
-    if os.environ.get(KERNEL_ENV):
-        if os.environ[KERNEL_ENV] not in LIBRARY_NAMES:
-            raise MiniloraError(f"{KERNEL_ENV}={os.environ[KERNEL_ENV]!r}: set it to mkl or onednn, or unset it")
-        return os.environ[KERNEL_ENV], f"{KERNEL_ENV} is set"
+    forced = forced_library()
+    if forced:
+        return forced, f"{KERNEL_ENV} is set"
     if not torch.backends.mkldnn.is_available():
         return "mkl", "this torch has no oneDNN"
     t = in_fresh_process(time_libraries, args)
